@@ -1,0 +1,124 @@
+"""Training-step throughput and peak memory per method, and the time to evaluate ACDC's test split.
+
+Each method runs in its own subprocess (so peak memory is its own) on the real ACDC training
+slices at 256 x 256 with batch 12 labelled + 12 unlabelled, the SSL4MIS protocol's setting.
+Prints a markdown table and writes it to benchmarks/logs/train_speed_<device>.log.
+
+    python benchmarks/train_speed.py --methods supervised vqseg --steps 5
+    python benchmarks/train_speed.py --eval-run runs/acdc_cpu/supervised_3cases
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WORKER = r"""
+import json, sys, time, torch
+from vqseg.config import load_config
+from vqseg.data import load_training_data
+from vqseg.engine.sampler import InfiniteSampler
+from vqseg.engine.trainer import Streams, _next_batch, build_run_method, make_optimizer, peak_memory_mb, select_device
+cfg = load_config(None, json.loads(sys.argv[1]))
+device = select_device(cfg.train.device)
+data = load_training_data(cfg)
+method = build_run_method(cfg, data.in_channels, data.num_classes).to(device)
+method.prepare(data)
+method.train()
+params = [p for p in method.parameters() if p.requires_grad]
+optimizer = make_optimizer(cfg, params)
+streams = Streams(InfiniteSampler(len(data.labeled), cfg.train.batch_size, 0),
+                  InfiniteSampler(len(data.unlabeled), cfg.train.unlabeled_batch_size, 1) if method.uses_unlabeled else None)
+def step(i):
+    batch = _next_batch(data, streams, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp):
+        out = method.training_step(batch, i)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    method.after_step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+warmup, steps = int(sys.argv[2]), int(sys.argv[3])
+for i in range(warmup):
+    step(i)
+times = []
+for i in range(steps):
+    t = time.perf_counter(); step(warmup + i); times.append(time.perf_counter() - t)
+times.sort()
+print(json.dumps({"median_s": times[len(times) // 2], "peak_mb": peak_memory_mb(device),
+                  "params_m": sum(p.numel() for p in params) / 1e6}))
+"""
+
+
+def measure(method: str, overrides: list[str], warmup: int, steps: int) -> dict:
+    args = [f"method.name={method}", *overrides]
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER, json.dumps(args), str(warmup), str(steps)],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["supervised", "vqseg"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides for every method")
+    parser.add_argument("--eval-run", default=None, help="a trained run folder: time `evaluate` on its test split")
+    args = parser.parse_args()
+
+    base = [
+        "data.dataset=acdc",
+        f"data.root={os.environ.get('VQSEG_DATA', str(REPO.parent / 'shared' / 'data'))}/acdc",
+        "data.labeled_cases=3",
+        "train.image_size=256",
+        "train.batch_size=12",
+        "train.unlabeled_batch_size=12",
+        f"train.device={args.device}",
+        *args.set,
+    ]
+    lines = [
+        f"# train_speed, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, device {args.device}, torch threads default, load avg {os.getloadavg()[0]:.2f}",
+        f"# ACDC slices 256 x 256, batch 12 labelled + 12 unlabelled; median of {args.steps} steps after {args.warmup} warm-up",
+        f"# overrides: {' '.join(args.set) or '(none)'}",
+        "",
+        "| method | s / step | it / s | peak memory (MB) | trainable params (M) | cost vs supervised |",
+        "|---|---|---|---|---|---|",
+    ]
+    results = {m: measure(m, base, args.warmup, args.steps) for m in args.methods}
+    ref = results.get("supervised", next(iter(results.values())))["median_s"]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['median_s']:.3f} | {1 / r['median_s']:.3f} | {r['peak_mb']:.0f} | {r['params_m']:.2f} | {r['median_s'] / ref:.2f}x |"
+        )
+    if args.eval_run:
+        began = time.time()
+        subprocess.run([sys.executable, "-m", "vqseg.cli", "evaluate", args.eval_run, "--split", "test", "--device", args.device],
+                       check=True, cwd=REPO, capture_output=True)
+        summary = json.loads((Path(args.eval_run) / "eval_test.json").read_text())
+        lines += [
+            "",
+            f"evaluate {args.eval_run} on the test split ({summary['num_volumes']} volumes): "
+            f"{time.time() - began:.1f} s end to end (process start, loading, prediction "
+            f"{summary['predict_seconds']:.1f} s, metrics {summary['total_seconds'] - summary['predict_seconds']:.1f} s)",
+        ]
+    text = "\n".join(lines)
+    print(text)
+    log = REPO / "benchmarks" / "logs" / f"train_speed_{args.device}.log"
+    log.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""``vqseg benchmark SUITE``: train and test every method row x labelled count x seed, then tabulate.
+
+A suite is a YAML file (see ``benchmarks/*.yaml``)::
+
+    name: acdc                        # title of results.md
+    config: configs/acdc.yaml         # base config; optional (defaults + overrides)
+    output_dir: runs/benchmark/acdc   # replaced by ``--output``
+    set: [train.iterations=30000]     # overrides for every run
+    labeled_cases: [3, 7]             # values of ``cases_key`` to sweep
+    cases_key: data.labeled_cases     # optional; e.g. data.phantom_labeled for phantoms
+    seeds: [0, 1]
+    concurrent: 1                     # runs trained at once
+    device: auto                      # optional; passed to train (train.device) and evaluate
+    runs:                             # method rows: label -> overrides, or a mapping
+      supervised: [method.name=supervised]
+      supervised_all: {set: [method.name=supervised], labeled_cases: [70]}
+
+Relative paths (``config``, ``output_dir``) are resolved against the current working directory, so
+suites are run from the repository root. Overrides are applied in the order device, ``set``, the
+row's ``set``, then the runner's own ``cases_key``, ``seed`` and ``output_dir``; since changing
+``method.name`` resets the method section, a row names its method before the method's parameters.
+
+Each run (``<row>/<cases>cases_seed<seed>``) is ``vqseg train`` then ``vqseg evaluate --split test``,
+each in its own subprocess so that a crash or an out-of-memory kill costs one run, not the suite, and
+so that ``concurrent`` runs can share one GPU. The suite is resumable: a run with ``eval_test.json`` is
+done, a finished training (``summary.json``) is only evaluated, and one with ``last.pt`` continues with
+``--resume``. A run folder trained with another config than the suite now asks for is an error rather
+than silently reused. After the runs, ``results.csv``, ``results.md``, ``dice_vs_labeled.png`` and
+``val_curves.png`` are written from whatever runs are done.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from vqseg.config import ConfigError, load_config, to_dict
+
+SUITE_KEYS = {
+    "name", "config", "output_dir", "set", "labeled_cases", "cases_key", "seeds", "concurrent", "device", "runs"
+}
+ROW_KEYS = {"set", "labeled_cases", "seeds"}
+
+
+class SuiteError(RuntimeError):
+    """Some runs of a suite failed; the others were still run and tabulated."""
+
+
+@dataclass
+class Suite:
+    name: str
+    config: Path | None
+    output_dir: Path
+    overrides: list[str]
+    rows: dict[str, dict[str, Any]]
+    cases_key: str = "data.labeled_cases"
+    concurrent: int = 1
+    device: str | None = None
+
+
+@dataclass
+class RunSpec:
+    row: str
+    cases: int
+    seed: int
+    run_dir: Path
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.row}/{self.cases}cases_seed{self.seed}"
+
+
+def _int_list(value: Any, key: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ConfigError(f"suite key {key}: expected a non-empty list of integers, got {value!r}")
+    return value
+
+
+def _str_list(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(f"suite key {key}: expected a list of key=value strings, got {value!r}")
+    return value
+
+
+def load_suite(path: Path, output: str | Path | None = None) -> Suite:
+    """Parse and check a suite file; every mistake is reported before anything is trained."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"suite file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"suite file {path} must hold a mapping at top level")
+    unknown = sorted(set(raw) - SUITE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown suite key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(SUITE_KEYS))}")
+    if not isinstance(raw.get("runs"), dict) or not raw["runs"]:
+        raise ConfigError(f"suite file {path}: 'runs' must map row labels to overrides")
+
+    default_cases = raw.get("labeled_cases")
+    default_seeds = _int_list(raw.get("seeds", [0]), "seeds")
+    rows: dict[str, dict[str, Any]] = {}
+    for label, spec in raw["runs"].items():
+        label = str(label)
+        if "/" in label or label.startswith("."):
+            raise ConfigError(f"suite row {label!r}: a row label becomes a folder name; no '/' or leading '.'")
+        if spec is None or isinstance(spec, list):
+            spec = {"set": spec}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"suite row {label}: expected a list of overrides or a mapping, got {spec!r}")
+        bad = sorted(set(spec) - ROW_KEYS)
+        if bad:
+            valid = ", ".join(sorted(ROW_KEYS))
+            raise ConfigError(f"suite row {label}: unknown key(s) {', '.join(bad)}; valid: {valid}")
+        cases = spec.get("labeled_cases", default_cases)
+        if cases is None:
+            raise ConfigError(f"suite row {label}: no labeled_cases, neither in the row nor at top level")
+        rows[label] = {
+            "set": _str_list(spec.get("set"), f"runs.{label}.set"),
+            "labeled_cases": _int_list(cases, f"runs.{label}.labeled_cases"),
+            "seeds": _int_list(spec.get("seeds", default_seeds), f"runs.{label}.seeds"),
+        }
+
+    concurrent = raw.get("concurrent", 1)
+    if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
+        raise ConfigError(f"suite key concurrent: expected a positive integer, got {concurrent!r}")
+    output_dir = output if output is not None else raw.get("output_dir", Path("runs/benchmark") / path.stem)
+    return Suite(
+        name=str(raw.get("name", path.stem)),
+        config=Path(raw["config"]) if raw.get("config") else None,
+        output_dir=Path(output_dir),
+        overrides=_str_list(raw.get("set"), "set"),
+        rows=rows,
+        cases_key=str(raw.get("cases_key", "data.labeled_cases")),
+        concurrent=concurrent,
+        device=str(raw["device"]) if raw.get("device") else None,
+    )
+
+
+def plan_runs(suite: Suite) -> list[RunSpec]:
+    """Rows x labelled counts x seeds, in file order; each run gets its full override list."""
+    runs = []
+    for row, spec in suite.rows.items():
+        for cases in spec["labeled_cases"]:
+            for seed in spec["seeds"]:
+                run = RunSpec(row, cases, seed, suite.output_dir / row / f"{cases}cases_seed{seed}")
+                run.overrides = [
+                    *([f"train.device={suite.device}"] if suite.device else []),
+                    *suite.overrides,
+                    *spec["set"],
+                    f"{suite.cases_key}={cases}",
+                    f"seed={seed}",
+                    f"output_dir={run.run_dir}",
+                ]
+                runs.append(run)
+    return runs
+
+
+def run_status(run_dir: Path) -> str:
+    """done: tested; trained: needs only the test; partial: resumable from last.pt; todo: from scratch."""
+    if (run_dir / "eval_test.json").is_file():
+        return "done"
+    if (run_dir / "summary.json").is_file() and (run_dir / "best.pt").is_file():
+        return "trained"
+    if (run_dir / "last.pt").is_file():
+        return "partial"
+    return "todo"
+
+
+def train_command(suite: Suite, run: RunSpec, resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "vqseg.cli", "train"]
+    if suite.config is not None:
+        cmd.append(str(suite.config))
+    for override in run.overrides:
+        cmd += ["--set", override]
+    return cmd + (["--resume"] if resume else [])
+
+
+def evaluate_command(suite: Suite, run: RunSpec) -> list[str]:
+    cmd = [sys.executable, "-m", "vqseg.cli", "evaluate", str(run.run_dir), "--split", "test"]
+    return cmd + (["--device", suite.device] if suite.device else [])
+
+
+def launch(cmd: list[str], log_path: Path) -> int:
+    """Run one subprocess with its output appended to the run's log; the exit status is returned."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+
+
+def _check_configs(suite: Suite, runs: list[RunSpec]) -> None:
+    """Build every run's config in-process, so a typo fails now and stale run folders are caught."""
+    for run in runs:
+        planned = to_dict(load_config(suite.config, run.overrides))
+        saved_path = run.run_dir / "config.yaml"
+        if not saved_path.is_file():
+            continue
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        changed = sorted(_diff(planned, saved) - {"output_dir"})
+        if changed:
+            raise ConfigError(
+                f"{run.run_dir} was trained with another config than the suite asks for now "
+                f"(differs in {', '.join(changed)}); delete the folder or choose another --output"
+            )
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k for key in set(a) | set(b) for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")}
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def _execute(suite: Suite, run: RunSpec) -> bool:
+    """Train (or resume) unless training finished, then test; False as soon as a step fails."""
+    status = run_status(run.run_dir)
+    log = run.run_dir / "train.log"
+    if status in ("todo", "partial") and launch(train_command(suite, run, resume=status == "partial"), log):
+        return False
+    return launch(evaluate_command(suite, run), log) == 0
+
+
+def run_suite(suite_path: Path, output: str | Path | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
+    """Train and test what is not done yet, then write the tables and plots; returns the per-run records."""
+    suite = load_suite(suite_path, output)
+    runs = plan_runs(suite)
+    _check_configs(suite, runs)
+    statuses = {run.name: run_status(run.run_dir) for run in runs}
+    if dry_run:
+        for run in runs:
+            print(f"{statuses[run.name]:8s} {run.name}  ->  {run.run_dir}")
+        counts = {s: list(statuses.values()).count(s) for s in ("done", "trained", "partial", "todo")}
+        print(f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        return []
+
+    pending = [run for run in runs if statuses[run.name] != "done"]
+    print(f"suite {suite.name}: {len(runs)} runs, {len(runs) - len(pending)} done, {len(pending)} to run, "
+          f"{suite.concurrent} at a time, output {suite.output_dir}", flush=True)
+    lock = threading.Lock()
+    failed: list[str] = []
+
+    def job(run: RunSpec) -> None:
+        began = time.time()
+        with lock:
+            print(f"start {run.name} ({statuses[run.name]})", flush=True)
+        ok = _execute(suite, run)
+        with lock:
+            if not ok:
+                failed.append(run.name)
+            outcome = "done" if ok else f"FAILED, see {run.run_dir / 'train.log'}"
+            print(f"{outcome}: {run.name} ({time.time() - began:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=suite.concurrent) as pool:
+        try:
+            list(pool.map(job, pending))
+        except KeyboardInterrupt:  # Ctrl-C also stops the running subprocesses; start no new ones
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+    records = write_results(suite, runs)
+    if failed:
+        raise SuiteError(f"{len(failed)} run(s) failed: {', '.join(sorted(failed))}; the others are tabulated")
+    return records
+
+
+# ---------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["val_dice"]) for r in records if "val_dice" in r]
+
+
+def run_record(run: RunSpec) -> dict[str, Any]:
+    """One results.csv row: test scores (paper-compatible and honest), selection and cost of a run."""
+    ev = _read_json(run.run_dir / "eval_test.json")
+    summary = _read_json(run.run_dir / "summary.json")
+    cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text()) if (run.run_dir / "config.yaml").is_file() else {}
+    paper, honest = ev["paper"]["mean"], ev["honest"]["mean"]
+    curve = _val_curve(run.run_dir)
+    if curve:
+        best_step, best_val = max(curve, key=lambda c: (c[1], -c[0]))  # the trainer keeps the first best
+    else:
+        best_step, best_val = summary.get("best_step"), summary.get("best_val_dice")
+    train = cfg.get("train", {})
+    record: dict[str, Any] = {
+        "row": run.row,
+        "cases": run.cases,
+        "seed": run.seed,
+        "dice": paper["dice"],
+        "jaccard": paper["jaccard"],
+        "hd95": paper["hd95"],
+        "asd": paper["asd"],
+        "hd95_found": honest["hd95"],
+        "asd_found": honest["asd"],
+        "missed": honest["missed"],
+        "spurious": honest.get("spurious"),
+    }
+    record.update({f"dice_{name}": scores["dice"] for name, scores in ev["paper"]["per_class"].items()})
+    record.update(
+        best_val_dice=best_val,
+        best_step=best_step,
+        checkpoint_step=ev.get("checkpoint_step"),
+        wall_time_s=summary.get("wall_time_s"),
+        iterations_per_s=summary.get("iterations_per_s"),
+        peak_memory_mb=summary.get("peak_memory_mb"),
+        device=summary.get("device"),
+        iterations=train.get("iterations"),
+        image_size=train.get("image_size"),
+        batch=f"{train.get('batch_size')}+{train.get('unlabeled_batch_size')}" if train else None,
+        units=ev.get("units"),
+    )
+    return record
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample std (ddof=1) over seeds, ignoring undefined values; std is None for one value."""
+    found = [float(v) for v in values if v is not None]
+    if not found:
+        return None, None, 0
+    return float(np.mean(found)), float(np.std(found, ddof=1)) if len(found) > 1 else None, len(found)
+
+
+def _cell(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    mean, std, _ = mean_std(values)
+    if mean is None:
+        return "n/a"
+    return f"{mean * scale:.{digits}f} ± " + ("—" if std is None else f"{std * scale:.{digits}f}")
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["row"], record["cases"]), []).append(record)
+    return groups
+
+
+def _column(group: list[dict[str, Any]], key: str) -> list[Any]:
+    return [r.get(key) for r in group]
+
+
+def _distinct(records: list[dict[str, Any]], key: str) -> str:
+    values = sorted({str(r[key]) for r in records if r.get(key) is not None})
+    return " / ".join(values) if values else "unknown"
+
+
+def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int) -> str:
+    classes = [k[len("dice_"):] for k in records[0] if k.startswith("dice_")] if records else []
+    header = (
+        ["Method", "Labelled", "Seeds", "Dice (%)", "Jaccard (%)", "HD95", "ASD"]
+        + ["HD95 (found)", "ASD (found)", "Missed"]
+        + [f"{c} Dice (%)" for c in classes]
+        + ["Train time (min)", "it/s", "Peak mem (MB)"]
+    )
+    lines = [f"# Benchmark: {suite.name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (row, cases), group in _groups(records).items():
+        col = partial(_column, group)
+        cells = [
+            row, str(cases), str(len(group)),
+            _cell(col("dice"), 100), _cell(col("jaccard"), 100), _cell(col("hd95")), _cell(col("asd")),
+            _cell(col("hd95_found")), _cell(col("asd_found")), _cell(col("missed"), digits=1),
+            *[_cell(col(f"dice_{c}"), 100) for c in classes],
+            _cell([None if t is None else t / 60 for t in col("wall_time_s")], digits=1),
+            _cell(col("iterations_per_s")), _cell(col("peak_memory_mb"), digits=0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Schedule: {_distinct(records, 'iterations')} iterations, batch {_distinct(records, 'batch')} "
+        f"(labelled+unlabelled), image size {_distinct(records, 'image_size')}, device {_distinct(records, 'device')}. "
+        f"{len(records)} of {planned} planned runs tested.",
+        "",
+        "Checkpoints are selected on validation Dice (best.pt) and scored once on the test split. "
+        "Cells are mean ± std over seeds (sample std, ddof=1; — for a single seed). Dice, Jaccard, HD95 and ASD "
+        "follow the SSL4MIS convention (a missed structure scores HD95 = ASD = 0), in "
+        f"{_distinct(records, 'units')}; (found) columns average distances only where the structure was found, "
+        "and Missed counts structures absent from the prediction, summed over classes and test volumes.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(suite: Suite, runs: list[RunSpec], records: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = _groups(records)
+    for row in dict.fromkeys(r["row"] for r in records):
+        points = sorted((cases, mean_std([r["dice"] for r in g])) for (name, cases), g in groups.items() if name == row)
+        ax.errorbar(
+            [p[0] for p in points], [100 * p[1][0] for p in points], yerr=[100 * (p[1][1] or 0.0) for p in points],
+            marker="o", capsize=3, label=row,
+        )
+    ax.set(xscale="log", xlabel=f"labelled ({suite.cases_key})", ylabel="test Dice (%)")
+    ax.set_title(f"{suite.name}: test Dice")
+    ticks = sorted({r["cases"] for r in records})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(suite.output_dir / "dice_vs_labeled.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {row: f"C{i % 10}" for i, row in enumerate(dict.fromkeys(run.row for run in runs))}
+    styles = ["-", "--", ":", "-."]
+    all_cases = sorted({run.cases for run in runs})
+    for run in runs:
+        curve = _val_curve(run.run_dir)
+        if curve:
+            ax.plot(
+                [c[0] for c in curve], [c[1] for c in curve], color=colors[run.row],
+                linestyle=styles[all_cases.index(run.cases) % len(styles)], marker=".", alpha=0.8, label=run.name,
+            )
+    ax.set(xlabel="iteration", ylabel="validation Dice", title=f"{suite.name}: validation Dice")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(suite.output_dir / "val_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def write_results(suite: Suite, runs: list[RunSpec]) -> list[dict[str, Any]]:
+    """results.csv, results.md and the two plots from every tested run of the plan."""
+    records = [run_record(run) for run in runs if run_status(run.run_dir) == "done"]
+    suite.output_dir.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for record in records for key in record))
+    with (suite.output_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+    (suite.output_dir / "results.md").write_text(results_markdown(suite, records, len(runs)))
+    _plot(suite, runs, records)
+    print(f"results: {suite.output_dir / 'results.md'}, results.csv, dice_vs_labeled.png, val_curves.png")
+    return records

@@ -1,0 +1,44 @@
+"""Dataset readers behind two entry points: the training data, and the cases of one split."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from vqseg.config import Config
+from vqseg.data.volumes import DataError, SegmentationData, SliceSet, Volume
+
+# dataset name -> (module, training-data reader, split reader)
+_READERS = {
+    "acdc": ("vqseg.data.acdc", "load_acdc", "load_acdc_split"),
+    "phantom": ("vqseg.data.phantom", "load_phantom", "load_phantom_split"),
+    "cvc": ("vqseg.data.cvc", "load_cvc", "load_cvc_split"),
+}
+
+
+def _reader(cfg: Config, which: int) -> Callable:
+    if cfg.data.dataset not in _READERS:
+        raise DataError(f"data.dataset={cfg.data.dataset!r} is unknown; choose from {sorted(_READERS)}")
+    entry = _READERS[cfg.data.dataset]
+    return getattr(importlib.import_module(entry[0]), entry[which])
+
+
+def load_training_data(cfg: Config) -> SegmentationData:
+    data = _reader(cfg, 1)(cfg)
+    if len(data.labeled) == 0:
+        raise DataError(f"data.dataset={cfg.data.dataset}: the labelled training set is empty")
+    if not data.val:
+        raise DataError(f"data.dataset={cfg.data.dataset}: the validation split is empty")
+    return data
+
+
+def load_split(cfg: Config, split: str) -> list[Volume]:
+    if split not in ("val", "test"):
+        raise DataError(f"split must be 'val' or 'test', got {split!r}")
+    volumes = _reader(cfg, 2)(cfg, split)
+    if not volumes:
+        raise DataError(f"data.dataset={cfg.data.dataset}: split {split!r} is empty")
+    return volumes
+
+
+__all__ = ["DataError", "SegmentationData", "SliceSet", "Volume", "load_split", "load_training_data"]

@@ -1,0 +1,132 @@
+"""ACDC cardiac MRI as preprocessed by SSL4MIS: one HDF5 file per patient and phase.
+
+Files are ``patientNNN_frameFF.h5`` with datasets ``image`` (D x H x W) and ``label``; the second
+phase is ``frame02`` in SSL4MIS lists and the original frame number in ACDC's own naming, so a
+patient's files are found by pattern rather than by a fixed frame number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from vqseg.config import Config, resolve_path
+from vqseg.data.volumes import DataError, SegmentationData, Volume, check_volume, stack_slices
+
+NUM_CLASSES = 4
+CLASS_NAMES = ["RV", "Myo", "LV"]
+_FRAME = re.compile(r"patient(\d{3})_frame(\d{2})\.h5$")
+
+
+def read_h5_volume(path: Path, num_classes: int = NUM_CLASSES) -> Volume:
+    """Read and validate one SSL4MIS-style volume; every failure names the file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("image", "label") if k not in f]
+            if missing:
+                raise DataError(f"{path}: missing dataset(s) {missing}; found {sorted(f.keys())}")
+            image = np.asarray(f["image"][()])
+            label = np.asarray(f["label"][()])
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        raise DataError(f"{path}: cannot be read as HDF5 ({err})") from None
+    if image.ndim == 2:
+        image, label = image[None], label[None]
+    if image.ndim != 3:
+        raise DataError(f"{path}: image must be D x H x W, got shape {image.shape}")
+    if not np.issubdtype(label.dtype, np.integer):
+        if not np.all(np.mod(label, 1) == 0):
+            raise DataError(f"{path}: label holds non-integer values")
+    label = label.astype(np.int64)
+    check_volume(image, label, num_classes, path)
+    return Volume(path.stem, image.astype(np.float32)[:, None], label.astype(np.uint8))
+
+
+def patient_files(root: Path, patient: int) -> list[Path]:
+    files = sorted(
+        (p for p in (root / "volumes").glob(f"patient{patient:03d}_frame*.h5") if _FRAME.search(p.name)),
+        key=lambda p: int(_FRAME.search(p.name).group(2)),
+    )
+    if not files:
+        raise DataError(f"{root / 'volumes'}: no volume files for patient {patient:03d} (patient{patient:03d}_frameNN.h5)")
+    return files
+
+
+def load_splits(root: Path) -> dict:
+    path = root / "splits.json"
+    if not path.is_file():
+        raise DataError(f"{path}: split file is missing (expected train/val/test patient lists)")
+    try:
+        splits = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    for key in ("train", "val", "test"):
+        if not splits.get(key):
+            raise DataError(f"{path}: split {key!r} is missing or empty")
+    splits.setdefault("labeled_order", splits["train"])
+    train, val, test = (set(splits[k]) for k in ("train", "val", "test"))
+    overlap = (train & val) | (train & test) | (val & test)
+    if overlap:
+        raise DataError(f"{path}: patients {sorted(overlap)} appear in more than one split")
+    outside = sorted(set(splits["labeled_order"]) - train)
+    if outside:
+        raise DataError(f"{path}: labeled_order lists patients {outside} that are not in the train split")
+    return splits
+
+
+def labeled_patients(splits: dict, labeled_cases: int | list[int]) -> list[int]:
+    """A count takes the first patients of the published labelled order; a list names them."""
+    train = list(splits["train"])
+    if isinstance(labeled_cases, int):
+        if not 1 <= labeled_cases <= len(train):
+            raise DataError(
+                f"data.labeled_cases={labeled_cases} but the training split has {len(train)} patients"
+            )
+        return list(splits["labeled_order"][:labeled_cases])
+    if len(set(labeled_cases)) != len(labeled_cases):
+        raise DataError(f"data.labeled_cases lists a patient twice: {labeled_cases}")
+    unknown = sorted(set(labeled_cases) - set(train))
+    if unknown:
+        raise DataError(f"data.labeled_cases names patients {unknown} that are not in the training split")
+    if not labeled_cases:
+        raise DataError("data.labeled_cases is an empty list")
+    return list(labeled_cases)
+
+
+def load_volumes(root: Path, patients: list[int]) -> list[Volume]:
+    return [read_h5_volume(path) for pid in patients for path in patient_files(root, pid)]
+
+
+def _root(cfg: Config) -> Path:
+    root = resolve_path(cfg.data.root)
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist")
+    return root
+
+
+def load_acdc_split(cfg: Config, split: str) -> list[Volume]:
+    root = _root(cfg)
+    return load_volumes(root, load_splits(root)[split])
+
+
+def load_acdc(cfg: Config) -> SegmentationData:
+    root = _root(cfg)
+    splits = load_splits(root)
+    labeled = labeled_patients(splits, cfg.data.labeled_cases)
+    unlabeled = [p for p in splits["train"] if p not in labeled]
+    size = cfg.train.image_size
+    return SegmentationData(
+        labeled=stack_slices(load_volumes(root, labeled), size, keep_labels=True),
+        unlabeled=stack_slices(load_volumes(root, unlabeled), size, keep_labels=False),
+        val=load_volumes(root, splits["val"]),
+        num_classes=NUM_CLASSES,
+        class_names=CLASS_NAMES,
+        in_channels=1,
+    )

@@ -1,0 +1,83 @@
+"""CVC-ClinicDB colonoscopy frames (2D RGB) with polyp masks, as an image-folder dataset.
+
+Layout: ``images/N.jpg``, ``masks/N.jpg`` (JPEG masks, thresholded at 127), ``splits.json`` with
+frame ids per split and ``sequence_of_frame``. Each frame is a one-slice case, so training and
+evaluation share the volume code path; scores are per image (2D). ``data.labeled_cases`` counts
+training *sequences* (in ascending id order), so labelled and unlabelled frames never come from
+the same video.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vqseg.config import Config, resolve_path
+from vqseg.data.volumes import DataError, SegmentationData, Volume, check_volume, stack_slices
+
+CLASS_NAMES = ["polyp"]
+
+
+def _read_image(path: Path, mode: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: file does not exist")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: cannot be read as an image ({err})") from None
+
+
+def read_frame(root: Path, frame: int) -> Volume:
+    image = _read_image(root / "images" / f"{frame}.jpg", "RGB").astype(np.float32) / 255.0
+    label = (_read_image(root / "masks" / f"{frame}.jpg", "L") > 127).astype(np.uint8)
+    image = image.transpose(2, 0, 1)[None]
+    check_volume(image, label[None], 2, root / "images" / f"{frame}.jpg")
+    return Volume(f"frame{frame}", image, label[None])
+
+
+def _splits(cfg: Config) -> tuple[Path, dict]:
+    root = resolve_path(cfg.data.root)
+    path = root / "splits.json"
+    if not path.is_file():
+        raise DataError(f"{path}: split file is missing")
+    splits = json.loads(path.read_text())
+    for key in ("train", "val", "test", "sequence_of_frame"):
+        if not splits.get(key):
+            raise DataError(f"{path}: {key!r} is missing or empty")
+    return root, splits
+
+
+def load_cvc_split(cfg: Config, split: str) -> list[Volume]:
+    root, splits = _splits(cfg)
+    return [read_frame(root, frame) for frame in splits[split]]
+
+
+def load_cvc(cfg: Config) -> SegmentationData:
+    root, splits = _splits(cfg)
+    sequence = {int(k): v for k, v in splits["sequence_of_frame"].items()}
+    train_sequences = sorted({sequence[f] for f in splits["train"]})
+    count = cfg.data.labeled_cases
+    if isinstance(count, list):
+        labeled_sequences = set(count)
+        unknown = labeled_sequences - set(train_sequences)
+        if unknown:
+            raise DataError(f"data.labeled_cases names sequences {sorted(unknown)} that are not in the training split")
+    else:
+        if not 1 <= count <= len(train_sequences):
+            raise DataError(f"data.labeled_cases={count} but the training split has {len(train_sequences)} sequences")
+        labeled_sequences = set(train_sequences[:count])
+    frames = [read_frame(root, f) for f in splits["train"]]
+    is_labeled = [sequence[f] in labeled_sequences for f in splits["train"]]
+    size = cfg.train.image_size
+    return SegmentationData(
+        labeled=stack_slices([v for v, lab in zip(frames, is_labeled) if lab], size, keep_labels=True),
+        unlabeled=stack_slices([v for v, lab in zip(frames, is_labeled) if not lab], size, keep_labels=False),
+        val=load_cvc_split(cfg, "val"),
+        num_classes=2,
+        class_names=CLASS_NAMES,
+        in_channels=3,
+    )

@@ -1,0 +1,91 @@
+"""In-memory volumes and slice sets shared by every dataset reader.
+
+Everything a 2D method trains on fits in memory, so readers load once, validate once (naming the
+file on any problem) and hand over tensors; the training loop never touches the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file or setting and what is wrong with it."""
+
+
+@dataclass
+class Volume:
+    """One case: ``image`` D x C x H x W float32 in [0, 1]-ish, ``label`` D x H x W uint8."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+
+
+@dataclass
+class SliceSet:
+    """2D training samples resized to the training size: images N x C x S x S, labels N x S x S."""
+
+    images: Tensor
+    labels: Tensor | None
+    names: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class SegmentationData:
+    """What training needs from any dataset: slices to train on and the validation cases.
+
+    Test cases are deliberately absent: they are loaded only by evaluation, so nothing in training
+    can select a checkpoint on them.
+    """
+
+    labeled: SliceSet
+    unlabeled: SliceSet
+    val: list[Volume]
+    num_classes: int
+    class_names: list[str]
+    in_channels: int
+
+
+def check_volume(image: np.ndarray, label: np.ndarray | None, num_classes: int, source: str | Path) -> None:
+    """Reject what would otherwise train silently wrong: NaNs, shape mismatches, unknown labels."""
+    if not np.isfinite(image).all():
+        raise DataError(f"{source}: image contains NaN or Inf intensities")
+    if label is None:
+        return
+    if image.shape[0] != label.shape[0] or image.shape[-2:] != label.shape[-2:]:
+        raise DataError(f"{source}: image shape {image.shape} does not match label shape {label.shape}")
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        raise DataError(
+            f"{source}: label values must lie in [0, {num_classes - 1}], found {label.min()}..{label.max()}"
+        )
+
+
+def resize_slices(volume: Volume, size: int) -> tuple[Tensor, Tensor]:
+    """Bilinear for intensities, nearest for labels, as SSL4MIS does per slice."""
+    image = torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32))
+    label = torch.from_numpy(np.ascontiguousarray(volume.label)).float().unsqueeze(1)
+    image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+    label = F.interpolate(label, size=(size, size), mode="nearest").squeeze(1).to(torch.uint8)
+    return image, label
+
+
+def stack_slices(volumes: list[Volume], size: int, keep_labels: bool) -> SliceSet:
+    images, labels, names = [], [], []
+    for volume in volumes:
+        image, label = resize_slices(volume, size)
+        images.append(image)
+        labels.append(label)
+        names.extend(f"{volume.name}_slice{i}" for i in range(image.shape[0]))
+    if not images:
+        return SliceSet(torch.empty(0, 1, size, size), torch.empty(0, size, size, dtype=torch.uint8) if keep_labels else None, [])
+    return SliceSet(torch.cat(images), torch.cat(labels) if keep_labels else None, names)

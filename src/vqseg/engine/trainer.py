@@ -1,0 +1,309 @@
+"""The training loop, top to bottom: data streams, method step, optimiser, validation, checkpoints.
+
+One run folder holds everything: ``config.yaml`` (resolved), ``last.pt`` (full state, atomic),
+``best.pt`` (predictor weights chosen on validation), ``metrics.jsonl``, TensorBoard events and
+``summary.json`` (time, throughput, peak memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vqseg.config import Config, ConfigError, save_config, to_dict
+from vqseg.data import DataError, SegmentationData, load_training_data
+from vqseg.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from vqseg.engine.distributed import (
+    DistInfo,
+    average_gradients,
+    barrier,
+    broadcast_state,
+    init_distributed,
+    shutdown,
+)
+from vqseg.engine.sampler import InfiniteSampler
+from vqseg.evaluation.inference import mean_dice, predict_volumes
+from vqseg.methods import build_method
+from vqseg.methods.base import Batch, Method
+from vqseg.models import build_model
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_network(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.Module:
+    """The configured backbone, with UAFS blocks inserted after the named layers if any."""
+    model = build_model(cfg.model, in_channels, num_classes)
+    if cfg.model.uafs_layers:
+        from vqseg.modules.attach import insert_uafs
+
+        example = torch.zeros(2, in_channels, cfg.train.image_size, cfg.train.image_size)
+        insert_uafs(model, cfg.model.uafs_layers, example_input=example)
+    return model
+
+
+def build_run_method(cfg: Config, in_channels: int, num_classes: int) -> Method:
+    return build_method(cfg, lambda: build_network(cfg, in_channels, num_classes), num_classes)
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    raise ValueError(f"train.optimizer={t.optimizer!r}; choose sgd or adamw")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class Streams:
+    labeled: InfiniteSampler
+    unlabeled: InfiniteSampler | None
+
+
+def _step_of(line: str) -> float:
+    """A line half-written when the job was killed counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, entries after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    device = select_device(cfg.train.device)
+    dist_info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        return _train(cfg, resume, device, dist_info)
+    finally:
+        shutdown(dist_info)
+
+
+def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> Path:
+    t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    run_dir = Path(cfg.output_dir)
+    checkpoint_path = run_dir / "last.pt"
+    if resume and not checkpoint_path.is_file():
+        raise FileNotFoundError(f"--resume: {checkpoint_path} does not exist")
+    for name, size in (("train.batch_size", t.batch_size), ("train.unlabeled_batch_size", t.unlabeled_batch_size)):
+        if size % info.world_size:
+            raise ValueError(f"{name}={size} must be divisible by the {info.world_size} processes")
+
+    torch.manual_seed(cfg.seed)
+    data = load_training_data(cfg)
+    _check_against_data(cfg, data)
+    if method_uses_unlabeled(cfg) and len(data.unlabeled) == 0:
+        raise DataError(f"method {cfg.method.name} needs unlabelled images but the unlabelled training set is empty")
+    method = build_run_method(cfg, data.in_channels, data.num_classes).to(device)
+    if info.is_main:  # only now: a start that fails must not overwrite an existing run's config
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    method.prepare(data)
+    broadcast_state(method, info)
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: max(0.0, 1.0 - it / t.iterations) ** t.poly_power
+    )
+    streams = Streams(
+        InfiniteSampler(len(data.labeled), t.batch_size // info.world_size, cfg.seed * 1000 + info.rank),
+        InfiniteSampler(len(data.unlabeled), t.unlabeled_batch_size // info.world_size, cfg.seed * 1000 + 500 + info.rank)
+        if method.uses_unlabeled
+        else None,
+    )
+    torch.manual_seed(cfg.seed * 7919 + info.rank)  # augmentation/dropout randomness differs per rank
+
+    start_step, best = 0, {"val_dice": -1.0, "step": -1}
+    if resume:
+        state = load_checkpoint(checkpoint_path, device)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        streams.labeled.load_state_dict(state["samplers"][info.rank]["labeled"])
+        if streams.unlabeled is not None:
+            streams.unlabeled.load_state_dict(state["samplers"][info.rank]["unlabeled"])
+        set_rng_state(state["rng"][info.rank])
+        start_step, best = state["step"], state["best"]
+
+    log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
+    writer = _tensorboard(run_dir) if info.is_main else None
+    bar = tqdm(
+        total=t.iterations, initial=start_step, disable=not info.is_main, dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0, desc=cfg.method.name,
+    )
+    began, step_times = time.time(), []
+    method.train()
+    for step in range(start_step, t.iterations):
+        tick = time.perf_counter()
+        batch = _next_batch(data, streams, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp):
+            out = method.training_step(batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        average_gradients(params, info)
+        optimizer.step()
+        scheduler.step()
+        method.after_step(step)
+        step_times.append(time.perf_counter() - tick)
+        done = step + 1
+        bar.update(1)
+
+        if done % t.log_every == 0 and not torch.isfinite(out.loss):  # checked sparsely: a host sync
+            raise FloatingPointError(f"loss became {out.loss.item()} at step {done}; logs: {_scalars(out.logs)}")
+        if info.is_main and (done % t.log_every == 0 or done == t.iterations):
+            record = {"step": done, "lr": scheduler.get_last_lr()[0], "loss": out.loss.item(), **_scalars(out.logs)}
+            log.write(record)
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(f"train/{key}", value, done)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+
+        if done % t.val_every == 0 or done == t.iterations:
+            broadcast_state(method, info)  # batch-norm statistics are per rank; validate rank 0's
+            if info.is_main:
+                score = _validate(cfg, method, data, device)
+                log.write({"step": done, "val_dice": score})
+                writer.add_scalar("val/dice", score, done)
+                if score > best["val_dice"]:
+                    best = {"val_dice": score, "step": done}
+                    save_atomic(
+                        {"predictor": method.predictor().state_dict(), "step": done, "val_dice": score, "config": to_dict(cfg)},
+                        run_dir / "best.pt",
+                    )
+                bar.write(f"step {done}: val Dice {score:.4f} (best {best['val_dice']:.4f} at {best['step']})")
+            _save_state(checkpoint_path, method, optimizer, scheduler, streams, done, best, info)
+    bar.close()
+
+    if info.is_main:
+        elapsed = time.time() - began
+        median_step = sorted(step_times)[len(step_times) // 2] if step_times else math.nan
+        summary = {
+            "iterations": t.iterations,
+            "trained_steps_this_process": len(step_times),
+            "wall_time_s": elapsed,
+            "median_step_s": median_step,
+            "iterations_per_s": 1.0 / median_step if step_times else math.nan,
+            "peak_memory_mb": peak_memory_mb(device),
+            "device": str(device),
+            "world_size": info.world_size,
+            "best_val_dice": best["val_dice"],
+            "best_step": best["step"],
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        writer.close()
+    barrier(info)
+    return run_dir
+
+
+def method_uses_unlabeled(cfg: Config) -> bool:
+    from vqseg.methods import method_class
+
+    return method_class(cfg.method.name).uses_unlabeled
+
+
+def _check_against_data(cfg: Config, data: SegmentationData) -> None:
+    """Evaluation rebuilds the network from config.yaml, so it must describe the data truthfully."""
+    for key, found in (("num_classes", data.num_classes), ("in_channels", data.in_channels)):
+        if getattr(cfg.data, key) != found:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)} but the {cfg.data.dataset} data has {found}")
+    if len(cfg.data.class_names) != data.num_classes - 1:
+        raise ConfigError(
+            f"data.class_names={cfg.data.class_names} must name the {data.num_classes - 1} foreground classes"
+        )
+
+
+def _tensorboard(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _scalars(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in logs.items()}
+
+
+def _next_batch(data: SegmentationData, streams: Streams, device: torch.device) -> Batch:
+    li = streams.labeled.next()
+    batch = Batch(
+        labeled=data.labeled.images[li].to(device, non_blocking=True),
+        labels=data.labeled.labels[li].to(device, non_blocking=True).long(),
+        labeled_index=li,
+    )
+    if streams.unlabeled is not None:
+        ui = streams.unlabeled.next()
+        batch.unlabeled = data.unlabeled.images[ui].to(device, non_blocking=True)
+        batch.unlabeled_index = ui
+    return batch
+
+
+def _validate(cfg: Config, method: Method, data: SegmentationData, device: torch.device) -> float:
+    predictions = predict_volumes(method.predictor(), data.val, cfg.train.image_size, cfg.eval.batch_size, device, cfg.train.amp)
+    return mean_dice(predictions, data.val, data.num_classes)
+
+
+def _save_state(path, method, optimizer, scheduler, streams: Streams, step: int, best: dict, info: DistInfo) -> None:
+    """Every rank's sampler and RNG state is gathered so a resumed multi-process run is exact too."""
+    local = {
+        "samplers": {"labeled": streams.labeled.state_dict(), **({"unlabeled": streams.unlabeled.state_dict()} if streams.unlabeled else {})},
+        "rng": rng_state(),
+    }
+    gathered = [local]
+    if info.enabled:
+        import torch.distributed as dist
+
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, local)
+    if info.is_main:
+        save_atomic(
+            {
+                "method": method.state_dict(),
+                "predictor": method.predictor().state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "samplers": [g["samplers"] for g in gathered],
+                "rng": [g["rng"] for g in gathered],
+                "step": step,
+                "best": best,
+            },
+            path,
+        )
+    barrier(info)

@@ -1,0 +1,54 @@
+"""Slice-by-slice prediction of whole cases, as in the ACDC protocol.
+
+Slices are resized to the training size (bilinear), predicted in batches, and the class
+probabilities (not the labels) are resized back to the native grid before the argmax, so no
+nearest-neighbour staircase is introduced at the original resolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vqseg.data.volumes import Volume
+
+
+@torch.no_grad()
+def predict_volume(
+    model: nn.Module, image: np.ndarray, size: int, batch_size: int, device: torch.device, amp: bool = False
+) -> np.ndarray:
+    """``image`` D x C x H x W -> labels D x H x W (uint8)."""
+    slices = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    height, width = slices.shape[-2:]
+    out = []
+    for chunk in slices.split(batch_size):
+        x = F.interpolate(chunk.to(device), size=(size, size), mode="bilinear", align_corners=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        probs = F.interpolate(logits.float().softmax(dim=1), size=(height, width), mode="bilinear", align_corners=False)
+        out.append(probs.argmax(dim=1).to(torch.uint8).cpu())
+    return torch.cat(out).numpy()
+
+
+def predict_volumes(
+    model: nn.Module, volumes: list[Volume], size: int, batch_size: int, device: torch.device, amp: bool = False
+) -> list[np.ndarray]:
+    was_training = model.training
+    model.eval()
+    try:
+        return [predict_volume(model, v.image, size, batch_size, device, amp) for v in volumes]
+    finally:
+        model.train(was_training)
+
+
+def mean_dice(predictions: list[np.ndarray], volumes: list[Volume], num_classes: int) -> float:
+    """Validation score for checkpoint selection: 3D Dice per class, mean over cases and classes."""
+    from vqseg.evaluation.metrics import dice
+
+    per_case = [
+        np.mean([dice(pred == c, vol.label == c) for c in range(1, num_classes)])
+        for pred, vol in zip(predictions, volumes)
+    ]
+    return float(np.mean(per_case))

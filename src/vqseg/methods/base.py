@@ -1,0 +1,219 @@
+"""The contract between the training engine and a (semi-)supervised method.
+
+A method owns the networks it trains (student, teacher, extra heads) and turns one batch into a
+loss. The engine handles everything else: data streams, optimiser, schedule, AMP, distributed
+gradient averaging, validation, checkpoints. Adding a method is one small module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from vqseg.config import Config
+from vqseg.data.augment import Augmenter, mix
+from vqseg.models import SegmentationModel
+from vqseg.modules.attach import FeatureTap, PDCRConfig, PDCRLayer, infer_channels, pdcr_total_loss
+
+PDCR_IGNORE = 255
+
+
+@dataclass
+class Batch:
+    """Images at training size on the device; ``unlabeled`` is None for labelled-only methods."""
+
+    labeled: Tensor
+    labels: Tensor
+    unlabeled: Tensor | None = None
+    labeled_index: Tensor | None = None
+    unlabeled_index: Tensor | None = None
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Subclasses set ``uses_unlabeled`` and implement :meth:`training_step`."""
+
+    uses_unlabeled: bool = True
+    always_eval: tuple[str, ...] = ("teacher",)  # submodules that predict in eval mode (EMA teachers)
+
+    def __init__(self, cfg: Config, model_factory: Callable[[], SegmentationModel], num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.augment = Augmenter(cfg.aug)
+        self.student = model_factory()
+        self.pdcr = _pdcr_config(cfg)
+        self.pdcr_proj: nn.Module | None = None
+        if self.pdcr is not None and self.pdcr.cross_layer is not None:
+            self.pdcr_proj = _cross_projection(self.student, self.pdcr, cfg)
+        # Hooks fire only under autograd, so a teacher deep-copied from the student (hooks
+        # included) never overwrites the student's tapped features.
+        self._tap = FeatureTap(self.student, self.pdcr.tapped_names(), grad_only=True) if self.pdcr else None
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        for name in self.always_eval:
+            if isinstance(getattr(self, name, None), nn.Module):
+                getattr(self, name).train(False)
+        return self
+
+    def after_step(self, step: int) -> None:
+        """Hook run after each optimiser step (EMA teachers update here)."""
+
+    def predictor(self) -> nn.Module:
+        """The network that validation and test use (the student unless a method says otherwise)."""
+        return self.student
+
+    def prepare(self, data: "object") -> None:
+        """Hook run once before training with the in-memory data (e.g. to cache features)."""
+
+    def progress(self, step: int) -> float:
+        return step / max(self.cfg.train.iterations, 1)
+
+    def pdcr_term(self, labels: Tensor, ignore: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """PDCR on the hidden features of the student's latest forward pass (zero when PDCR is off).
+
+        Layer names refer to the backbone built by the model factory (e.g. ``encoder.downs.3``),
+        also when a method wraps it (VQ-Seg's quantized network).
+
+        ``labels`` cover every row of that pass; rows or pixels without a trustworthy label are
+        marked by ``ignore`` (unlabelled rows, low-confidence pseudo-labels).
+        """
+        if self.pdcr is None:
+            return labels.new_zeros((), dtype=torch.float32), {}
+        target = labels if ignore is None else labels.masked_fill(ignore, PDCR_IGNORE)
+        loss, parts = pdcr_total_loss(self._tap, target, self.num_classes, self.pdcr, PDCR_IGNORE, cross_proj=self.pdcr_proj)
+        self._tap.clear()
+        return loss, parts
+
+    def pseudo_label_pdcr(self, labels: Tensor, ignore: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """PDCR on an unlabelled pass driven by pseudo-labels, when ``pdcr.unlabeled`` asks for it."""
+        if self.pdcr is None or not self.cfg.pdcr.unlabeled:
+            return labels.new_zeros((), dtype=torch.float32), {}
+        loss, parts = self.pdcr_term(labels, ignore)
+        return loss, {f"unlabeled_{k}": v for k, v in parts.items()}
+
+
+def dice_loss(logits: Tensor, target: Tensor, num_classes: int, ignore: Tensor | None = None) -> Tensor:
+    """Soft Dice over classes (SSL4MIS's DiceLoss), optionally masking ignored pixels."""
+    probs = logits.float().softmax(dim=1)
+    onehot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    if ignore is not None:
+        keep = (~ignore).float()[:, None]
+        probs, onehot = probs * keep, onehot * keep
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+
+
+def seg_loss(logits: Tensor, target: Tensor, num_classes: int, ignore: Tensor | None = None) -> Tensor:
+    """(CE + Dice) / 2, the supervised loss of SSL4MIS, UniMatch and BCP on ACDC."""
+    if ignore is None:
+        ce = F.cross_entropy(logits.float(), target)
+    else:
+        ce_map = F.cross_entropy(logits.float(), target, reduction="none")
+        ce = (ce_map * (~ignore).float()).sum() / (~ignore).float().sum().clamp(min=1)
+    return 0.5 * (ce + dice_loss(logits, target, num_classes, ignore))
+
+
+class Supervised(Method):
+    """Labelled slices only; with every training patient labelled it is the fully supervised bound."""
+
+    uses_unlabeled = False
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        images, labels, _ = self.augment.geometric(batch.labeled, batch.labels)
+        loss_sup = seg_loss(self.student(images), labels, self.num_classes)
+        loss_pdcr, logs = self.pdcr_term(labels)
+        return StepOutput(loss_sup + loss_pdcr, {"loss_sup": loss_sup.detach(), **logs})
+
+
+@dataclass
+class UnlabeledViews:
+    """A weak (geometric) view, a strong view of it (intensity + CutMix), and how they were made."""
+
+    weak: Tensor
+    strong: Tensor
+    theta: Tensor  # the weak view's affine, to warp anything aligned with the raw image
+    box: Tensor  # N x H x W CutMix region, taken from sample ``perm[i]``
+    perm: Tensor
+
+    def mix(self, target: Tensor) -> Tensor:
+        """Apply the strong view's CutMix to per-pixel targets computed on the weak view."""
+        return mix(self.box, target[self.perm], target)
+
+
+def strong_view(augment: Augmenter, weak: Tensor, theta: Tensor, cutmix: bool = True) -> UnlabeledViews:
+    """A strong view of ``weak``: its own intensity draw, CutMix box and CutMix partner."""
+    n, device = weak.shape[0], weak.device
+    strong = augment.intensity(weak)
+    box = augment.cutmix_mask(n, tuple(weak.shape[-2:]), device)
+    if not cutmix:
+        box = torch.zeros_like(box)
+    perm = torch.randperm(n, device=device)
+    return UnlabeledViews(weak, mix(box, strong[perm], strong), theta, box, perm)
+
+
+def make_unlabeled_views(augment: Augmenter, images: Tensor, cutmix: bool = True) -> UnlabeledViews:
+    weak, _, theta = augment.geometric(images)
+    return strong_view(augment, weak, theta, cutmix)
+
+
+def sigmoid_rampup(progress: float, length: float) -> float:
+    """exp(-5 (1 - t)^2) with t = progress / length clipped to [0, 1] (Laine & Aila 2017)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(progress / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def labeled_pdcr(method: Method, labels: Tensor, unlabeled_rows: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """PDCR on a student pass over the labelled rows followed by ``unlabeled_rows`` ignored rows."""
+    pad = labels.new_zeros((unlabeled_rows, *labels.shape[1:]))
+    ignore = torch.cat([torch.zeros_like(labels, dtype=torch.bool), torch.ones_like(pad, dtype=torch.bool)])
+    return method.pdcr_term(torch.cat([labels, pad]), ignore)
+
+
+def confident_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Hard pseudo-labels and the mask of pixels to ignore (confidence below ``threshold``)."""
+    probs = logits.detach().float().softmax(dim=1)
+    confidence, labels = probs.max(dim=1)
+    return labels, confidence < threshold
+
+
+def _pdcr_config(cfg: Config) -> PDCRConfig | None:
+    p = cfg.pdcr
+    if not p.layers and not p.cross_layer:
+        return None
+    if p.cross_layer and len(p.cross_layer) != 2:
+        raise ValueError(f"pdcr.cross_layer must name two layers, got {p.cross_layer}")
+    return PDCRConfig(
+        layers=[PDCRLayer(layer.name, layer.num_samples, layer.weight) for layer in p.layers],
+        patch_sizes=tuple(p.patch_sizes) if p.patch_sizes else "receptive",
+        tau=p.tau,
+        sampling=p.sampling,
+        cross_layer=tuple(p.cross_layer) if p.cross_layer else None,
+        cross_weight=p.cross_weight,
+    )
+
+
+def _cross_projection(model: nn.Module, pdcr: PDCRConfig, cfg: Config) -> nn.Module | None:
+    """A linear map between the two cross-layer feature spaces when their widths differ."""
+    size = cfg.train.image_size
+    channels = infer_channels(model, list(pdcr.cross_layer), torch.zeros(2, cfg.data.in_channels, size, size))
+    c_a, c_b = (channels[name] for name in pdcr.cross_layer)
+    return None if c_a == c_b else nn.Linear(c_b, c_a)

@@ -1,0 +1,143 @@
+"""BCP, Bidirectional Copy-Paste (Bai, Chen, Li, Zhang, Wang, CVPR 2023).
+
+Source: DeepMed-Lab-ECNU/BCP, ``code/ACDC_BCP_train.py`` (pre_iterations 10000, max_iterations
+30000, lr 0.01, u_weight 0.5, EMA 0.99, ``generate_mask``, ``mix_loss``, ``get_ACDC_masks`` with
+nms=1, i.e. largest connected component per class).
+
+A zero-centred mask M is 0 inside one random box of 2/3 the image side (shared by the batch) and 1
+outside; with the box B = 1 - M, a batch's labelled (x_a, x_b) and unlabelled (u_a, u_b) halves:
+
+- Stage 1, the first ``pretrain_fraction`` of ``train.iterations`` (BCP: 10k of 10k + 30k, 0.25),
+  labelled only: x = x_a M + x_b B, y = y_a M + y_b B, L = mix_loss(f(x), y; 1, 1).
+- Stage 2, self-training with an EMA teacher set to the student at the stage switch:
+
+      x_unl = u_a M + x_a B    (labelled patch pasted into an unlabelled image)
+      x_lab = x_b M + u_b B    (unlabelled patch pasted into a labelled image)
+      L = mix_loss(f(x_unl), p_a M + y_a B; w_M = alpha, w_B = 1)
+        + mix_loss(f(x_lab), y_b M + p_b B; w_M = 1, w_B = alpha)
+
+  with p = argmax f_t(u) (largest connected component per class, optional) and alpha = u_weight.
+  mix_loss(.; w_M, w_B) = w_M (CE + Dice)/2 over the pixels outside the box + w_B (CE + Dice)/2
+  over the pixels inside it, each term normalised over its own pixels as BCP's ``mix_loss``;
+  seen per pixel, ground-truth pixels weigh 1 and pseudo-labelled pixels alpha.
+
+Differences from the BCP code: one run on the engine's poly schedule (BCP keeps lr 0.01 constant
+and restarts from the pre-training checkpoint with the best validation Dice, here the last
+pre-training student continues); the two mixed batches share one student pass, so batch norm sees
+both together; the teacher predicts in eval mode (BCP calls ``ema_model.train()``) and copies the
+student's batch-norm statistics instead of averaging them. Evaluation uses the student, as BCP.
+With unequal labelled and unlabelled batches, images past the smaller batch's even size are unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from vqseg.config import MethodConfig
+from vqseg.data.augment import mix
+from vqseg.engine.ema import ema_update, make_teacher
+from vqseg.methods.base import Batch, Method, StepOutput, seg_loss
+
+
+@dataclass
+class BCPConfig(MethodConfig):
+    name: str = "bcp"
+    pretrain_fraction: float = 0.25  # of train.iterations spent on labelled-only copy-paste
+    u_weight: float = 0.5
+    ema_decay: float = 0.99
+    box_fraction: float = 2 / 3  # side of the pasted box relative to the image side
+    largest_component: bool = True  # BCP's get_ACDC_2DLargestCC on the teacher's pseudo-labels
+
+
+def paste_box(n: int, size: tuple[int, int], fraction: float, device: torch.device) -> Tensor:
+    """BCP's ``generate_mask`` as an n x H x W boolean box: one random position for the whole batch."""
+    h, w = size
+    bh, bw = int(h * fraction), int(w * fraction)
+    y0 = int(torch.randint(0, max(h - bh, 1), ()))
+    x0 = int(torch.randint(0, max(w - bw, 1), ()))
+    box = torch.zeros(h, w, dtype=torch.bool, device=device)
+    box[y0 : y0 + bh, x0 : x0 + bw] = True
+    return box.expand(n, h, w)
+
+
+def largest_components(labels: Tensor, num_classes: int) -> Tensor:
+    """Keep only the largest 8-connected component of each foreground class per image; the rest is background."""
+    structure = ndimage.generate_binary_structure(2, 2)
+    maps = labels.cpu().numpy()
+    kept = np.zeros_like(maps)
+    for label_map, out in zip(maps, kept):
+        for c in range(1, num_classes):
+            components, count = ndimage.label(label_map == c, structure)
+            if count:
+                largest = np.bincount(components.ravel())[1:].argmax() + 1
+                out[components == largest] = c
+    return torch.from_numpy(kept).to(labels.device)
+
+
+def mix_loss(logits: Tensor, target: Tensor, box: Tensor, w_outside: float, w_inside: float, classes: int) -> Tensor:
+    """BCP's ``mix_loss``: (CE + Dice)/2 outside and inside the box, each over its own pixels."""
+    outside = seg_loss(logits, target, classes, ignore=box)
+    inside = seg_loss(logits, target, classes, ignore=~box)
+    return w_outside * outside + w_inside * inside
+
+
+class BCP(Method):
+    def __init__(self, cfg, model_factory, num_classes: int) -> None:
+        super().__init__(cfg, model_factory, num_classes)
+        self.params: BCPConfig = cfg.method
+        t = cfg.train
+        if min(t.batch_size, t.unlabeled_batch_size) < 2:
+            raise ValueError("bcp pastes between batch halves: train.batch_size and unlabeled_batch_size must be >= 2")
+        self.pretrain_steps = int(self.params.pretrain_fraction * t.iterations)
+        self.teacher = make_teacher(self.student)
+
+    def _box(self, n: int, like: Tensor) -> Tensor:
+        return paste_box(n, tuple(like.shape[-2:]), self.params.box_fraction, like.device)
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        x_l, y_l, _ = self.augment.geometric(batch.labeled, batch.labels)
+        if step < self.pretrain_steps:
+            return self._pretrain_step(x_l, y_l)
+        if step == self.pretrain_steps:
+            self.teacher.load_state_dict(self.student.state_dict())
+        return self._self_train_step(x_l, y_l, batch.unlabeled)
+
+    def _pretrain_step(self, x_l: Tensor, y_l: Tensor) -> StepOutput:
+        h = x_l.shape[0] // 2
+        box = self._box(h, x_l)
+        x = mix(box, x_l[h : 2 * h], x_l[:h])
+        y = mix(box, y_l[h : 2 * h], y_l[:h])
+        loss = mix_loss(self.student(x), y, box, 1.0, 1.0, self.num_classes)
+        loss_pdcr, logs = self.pdcr_term(y)
+        logs["loss_pretrain"] = loss.detach()
+        return StepOutput(loss + loss_pdcr, logs)
+
+    def _self_train_step(self, x_l: Tensor, y_l: Tensor, unlabeled: Tensor) -> StepOutput:
+        p = self.params
+        u, _, _ = self.augment.geometric(unlabeled)
+        h = min(x_l.shape[0], u.shape[0]) // 2
+        x_a, x_b, y_a, y_b = x_l[:h], x_l[h : 2 * h], y_l[:h], y_l[h : 2 * h]
+        u_a, u_b = u[:h], u[h : 2 * h]
+        with torch.no_grad():
+            pseudo = self.teacher(u[: 2 * h]).argmax(dim=1)
+        if p.largest_component:
+            pseudo = largest_components(pseudo, self.num_classes)
+        p_a, p_b = pseudo[:h], pseudo[h:]
+        box = self._box(h, x_l)
+
+        logits_unl, logits_lab = self.student(torch.cat([mix(box, x_a, u_a), mix(box, u_b, x_b)])).split([h, h])
+        target_unl, target_lab = mix(box, y_a, p_a), mix(box, p_b, y_b)
+        loss_unl = mix_loss(logits_unl, target_unl, box, p.u_weight, 1.0, self.num_classes)
+        loss_lab = mix_loss(logits_lab, target_lab, box, 1.0, p.u_weight, self.num_classes)
+        loss_pdcr, logs = self.pdcr_term(torch.cat([target_unl, target_lab]), torch.cat([~box, box]))
+        logs.update({"loss_mix_unl": loss_unl.detach(), "loss_mix_lab": loss_lab.detach()})
+        return StepOutput(loss_unl + loss_lab + loss_pdcr, logs)
+
+    def after_step(self, step: int) -> None:
+        if step >= self.pretrain_steps:
+            ema_update(self.teacher, self.student, self.params.ema_decay, step)

@@ -1,0 +1,196 @@
+"""VQ-Seg (Yang, Xing, Zhu, NeurIPS 2025): consistency learning with perturbation in a VQ space.
+
+    L = L_sup + lambda_u L_u + lambda_rec L_rec + lambda_align L_align + lambda_vq L_vq
+
+- L_sup: (CE + Dice)/2 of the student on weakly augmented labelled slices.
+- L_u: the student on the strong view of unlabelled slices, with its code indices perturbed by
+  QPM (or by feature dropout, for the paper's comparison), against the EMA teacher's argmax on
+  the weak view (pixels under ``threshold`` confidence ignored; 0 keeps all, as in the paper).
+- L_rec: L1 image reconstruction from the post-VQ bottleneck (dual branch), unperturbed passes.
+- L_align: patch InfoNCE between the post-VQ map (PFA: resize + 1x1 conv) and a frozen foundation
+  model's features of the same view. Features are computed once per training slice and warped
+  with the view's affine, since the encoder costs seconds per image on a CPU.
+- L_vq: codebook + beta * commitment of every quantizer.
+
+``ablation`` presets reproduce the paper's table rows: base (VQ only), qpm, qpm_db, qpm_pfa, all.
+
+Choices where the paper is silent, for a batch-norm CNN backbone (the paper uses DINOv2): the
+backbone's dropout is off and the perturbed pass does not update batch-norm running statistics
+(both corrupt what the quantizer and evaluation see); codes are looked up L2-normalised in a
+32-wide space (``cosine``, ``code_dim``); the reconstruction branch decodes the bottleneck alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from vqseg.config import MethodConfig, resolve_path
+from vqseg.data.augment import Augmenter
+from vqseg.engine.ema import ema_update, make_teacher
+from vqseg.methods.base import Batch, Method, StepOutput, confident_labels, make_unlabeled_views, seg_loss
+from vqseg.models import frozen_running_stats
+from vqseg.models.vq_net import VQSegNet
+from vqseg.modules.qpm import QPM
+
+ABLATIONS = {
+    "base": {"perturbation": "none", "dual_branch": False, "pfa": False},
+    "qpm": {"perturbation": "qpm", "dual_branch": False, "pfa": False},
+    "qpm_db": {"perturbation": "qpm", "dual_branch": True, "pfa": False},
+    "qpm_pfa": {"perturbation": "qpm", "dual_branch": False, "pfa": True},
+    "all": {"perturbation": "qpm", "dual_branch": True, "pfa": True},
+}
+
+
+@dataclass
+class VQSegConfig(MethodConfig):
+    name: str = "vqseg"
+    ablation: str = ""  # one of ABLATIONS: overrides perturbation / dual_branch / pfa
+    perturbation: str = "qpm"  # qpm | shuffle | dropout | none
+    eps: float = 0.7  # QPM strength
+    temperature: float = 1.0
+    dropout: float = 0.5  # rate of the `dropout` perturbation mode
+    codebook_size: int = 16384
+    vq_levels: list[int] = field(default_factory=lambda: [-1])
+    beta: float = 0.25
+    cosine: bool = True  # L2-normalised codes and features (prevents collapse on CNN features)
+    code_dim: int = 32  # width of the code lookup space (factorized codes); 0 = the feature width
+    backbone_dropout: bool = False  # keep the backbone's own dropout layers (see VQSeg.__init__)
+    dual_branch: bool = True
+    pfa: bool = True
+    foundation: str = "litemedsam"  # litemedsam | dinov2 | none
+    foundation_weights: str = ""  # local file (required for dinov2; litemedsam ships its own)
+    foundation_input: int = 0  # 0 = the encoder's native input size
+    foundation_cache: str = "~/.cache/vqseg/foundation"
+    pfa_tau: float = 0.1
+    pfa_samples: int = 256
+    ema_decay: float = 0.99
+    threshold: float = 0.95  # as the released code; 0 keeps every pixel (the paper)
+    cutmix: bool = True
+    lambda_u: float = 1.0
+    lambda_rec: float = 1.0
+    lambda_align: float = 5.0
+    lambda_vq: float = 1.0
+    eval_teacher: bool = False  # validate/test with the EMA teacher instead of the student
+
+    def __post_init__(self) -> None:
+        if self.ablation:
+            if self.ablation not in ABLATIONS:
+                raise ValueError(f"method.ablation={self.ablation!r}; choose from {sorted(ABLATIONS)}")
+            for key, value in ABLATIONS[self.ablation].items():
+                setattr(self, key, value)
+        if self.perturbation not in ("qpm", "shuffle", "dropout", "none"):
+            raise ValueError(f"method.perturbation={self.perturbation!r}; choose qpm, shuffle, dropout or none")
+        if self.pfa and self.foundation == "none":
+            self.pfa = False
+
+
+class VQSeg(Method):
+    def __init__(self, cfg, model_factory, num_classes: int) -> None:
+        super().__init__(cfg, model_factory, num_classes)
+        p: VQSegConfig = cfg.method
+        self.params = p
+        if not p.backbone_dropout:
+            # Dropout before the quantizer flips code assignments between training and evaluation
+            # (phantom task, 100 iterations: 0.50 validation Dice with the SSL4MIS U-Net's encoder
+            # dropout, 0.90 without). The paper's DINOv2 backbone has none; QPM is the perturbation.
+            for module in self.student.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        self.student = VQSegNet(
+            self.student, cfg.data.in_channels, p.vq_levels, p.codebook_size, p.beta, p.dual_branch, p.cosine, p.code_dim
+        )
+        self.teacher = make_teacher(self.student)
+        self.perturb = None
+        if p.perturbation in ("qpm", "shuffle"):
+            self.perturb = QPM(p.eps, p.temperature, mode="jump" if p.perturbation == "qpm" else "shuffle")
+        self.foundation = None
+        self.adapter: nn.Module | None = None
+        self._cache: dict[str, Tensor] = {}
+
+    def prepare(self, data) -> None:
+        """Load the frozen foundation model and encode every training slice once."""
+        p = self.params
+        if not p.pfa:
+            return
+        from vqseg.modules.foundation import build_foundation, cached_features
+        from vqseg.modules.pfa import PostVQAdapter
+
+        encoder = build_foundation(p.foundation, p.foundation_weights or None, p.foundation_input or None)
+        cache_dir = resolve_path(p.foundation_cache)
+        device = next(self.student.parameters()).device
+        self._cache = {
+            "labeled": cached_features(encoder, data.labeled.images, cache_dir).to(device),
+            "unlabeled": cached_features(encoder, data.unlabeled.images, cache_dir).to(device),
+        }
+        deepest = self.student.base.feature_channels[self.student.levels[-1]]
+        self.adapter = PostVQAdapter(deepest, encoder.dim, encoder.grid).to(device)
+
+    def predictor(self) -> nn.Module:
+        return self.teacher if self.params.eval_teacher else self.student
+
+    def _aligned_targets(self, which: str, index: Tensor, theta: Tensor) -> Tensor:
+        features = self._cache[which][index.to(self._cache[which].device)].float()
+        return Augmenter.warp(features, theta)
+
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        p = self.params
+        x_l, y_l, theta_l = self.augment.geometric(batch.labeled, batch.labels)
+        views = make_unlabeled_views(self.augment, batch.unlabeled, p.cutmix)
+        with torch.no_grad():
+            pseudo, ignore = confident_labels(self.teacher(views.weak), p.threshold)
+        pseudo, ignore = views.mix(pseudo), views.mix(ignore)
+
+        # Unperturbed student pass: labelled slices, plus the weak unlabelled views when the
+        # reconstruction or alignment branches have something to learn from them.
+        needs_unlabeled_clean = p.dual_branch or p.pfa
+        clean_input = torch.cat([x_l, views.weak]) if needs_unlabeled_clean else x_l
+        clean = self.student.run(clean_input, reconstruct=p.dual_branch)
+        n_l = x_l.shape[0]
+        loss_sup = seg_loss(clean.logits[:n_l], y_l, self.num_classes)
+        unlabeled_rows = torch.ones(clean_input.shape[0] - n_l, *y_l.shape[1:], dtype=torch.bool, device=y_l.device)
+        loss_pdcr, pdcr_logs = self.pdcr_term(
+            torch.cat([y_l, torch.zeros_like(unlabeled_rows, dtype=y_l.dtype)]),
+            torch.cat([torch.zeros_like(y_l, dtype=torch.bool), unlabeled_rows]),
+        )
+
+        dropout = p.dropout if p.perturbation == "dropout" else 0.0
+        with frozen_running_stats(self.student):  # a batch-norm U-Net, unlike the paper's ViT
+            perturbed = self.student.run(views.strong, perturb=self.perturb, dropout=dropout)
+        loss_u = seg_loss(perturbed.logits, pseudo, self.num_classes, ignore)
+        loss_pdcr_u, pdcr_u_logs = self.pseudo_label_pdcr(pseudo, ignore)
+        loss_vq = 0.5 * (clean.vq_loss + perturbed.vq_loss)
+
+        loss = loss_sup + p.lambda_u * loss_u + p.lambda_vq * loss_vq + loss_pdcr + p.lambda_u * loss_pdcr_u
+        logs = {
+            **pdcr_logs,
+            **pdcr_u_logs,
+            "loss_sup": loss_sup.detach(),
+            "loss_u": loss_u.detach(),
+            "loss_vq": loss_vq.detach(),
+            "perplexity": clean.perplexity.detach(),
+            "pseudo_kept": (~ignore).float().mean(),
+        }
+        if p.dual_branch:
+            loss_rec = F.l1_loss(clean.recon, clean_input)
+            loss = loss + p.lambda_rec * loss_rec
+            logs["loss_rec"] = loss_rec.detach()
+        if p.pfa:
+            from vqseg.modules.pfa import patch_infonce
+
+            target = torch.cat([
+                self._aligned_targets("labeled", batch.labeled_index, theta_l),
+                self._aligned_targets("unlabeled", batch.unlabeled_index, views.theta),
+            ])
+            loss_align = patch_infonce(self.adapter(clean.post_vq), target, p.pfa_tau, p.pfa_samples)
+            loss = loss + p.lambda_align * loss_align
+            logs["loss_align"] = loss_align.detach()
+        if (step + 1) % self.cfg.train.log_every == 0:
+            logs.update(self.student.code_usage())
+        return StepOutput(loss, logs)
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, self.params.ema_decay, step)

@@ -1,0 +1,88 @@
+"""Segmentation networks as encoder/decoder pairs behind a small registry.
+
+A backbone registers a builder returning a :class:`SegmentationModel`; methods only rely on
+``encode`` (a list of feature maps, deepest last), ``decode`` and ``make_decoder`` (a fresh
+decoder with another output width, e.g. VQ-Seg's reconstruction branch).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from torch import Tensor, nn
+
+from vqseg.config import ModelConfig
+from vqseg.models.unet import UNetDecoder, UNetEncoder
+
+
+class SegmentationModel(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, decoder_factory: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self._decoder_factory = decoder_factory
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return self.encoder.out_channels
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        return self.encoder(x)
+
+    def decode(self, features: list[Tensor]) -> Tensor:
+        return self.decoder(features)
+
+    def make_decoder(self, out_channels: int) -> nn.Module:
+        return self._decoder_factory(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+ModelBuilder = Callable[[ModelConfig, int, int], SegmentationModel]
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def wrap(builder: ModelBuilder) -> ModelBuilder:
+        _MODELS[name] = builder
+        return builder
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
+    if cfg.name not in _MODELS:
+        raise ValueError(f"model.name={cfg.name!r} is not registered; choose from {available_models()}")
+    return _MODELS[cfg.name](cfg, in_channels, num_classes)
+
+
+@register_model("unet")
+def _unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
+    def decoder(out_channels: int) -> nn.Module:
+        return UNetDecoder(cfg.channels, out_channels)
+
+    return SegmentationModel(UNetEncoder(in_channels, cfg.channels, cfg.dropout), decoder(num_classes), decoder)
+
+
+@contextmanager
+def frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Batch norm keeps normalising with batch statistics but stops updating its running ones.
+
+    For passes whose features are deliberately corrupted (VQ-Seg's perturbed codes): otherwise
+    the running statistics used at evaluation drift towards the corrupted feature distribution.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum

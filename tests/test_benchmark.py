@@ -1,0 +1,230 @@
+"""The benchmark runner: suite expansion, resumability, aggregation, and one real phantom suite."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vqseg import benchmark
+from vqseg.benchmark import load_suite, plan_runs, run_status, run_suite
+from vqseg.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["RV", "Myo", "LV"]
+
+
+def write_suite(tmp_path: Path, **overrides) -> Path:
+    suite = {
+        "name": "fake",
+        "output_dir": str(tmp_path / "out"),
+        "labeled_cases": [3, 7],
+        "seeds": [0, 1],
+        "set": ["train.iterations=10"],
+        "runs": {
+            "sup": ["method.name=supervised"],
+            "vq": ["method.name=vqseg", "method.pfa=false"],
+            "sup_all": {"set": ["method.name=supervised"], "labeled_cases": [70]},
+        },
+        **overrides,
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+def fake_eval(dice: list[float], hd95: float = 5.0, missed: int = 0) -> dict:
+    """An eval_test.json as ``evaluate_run`` writes it, with chosen per-class Dice."""
+    def scores(d: float) -> dict:
+        return {"dice": d, "jaccard": d / 2, "hd95": hd95, "asd": 1.0, "dice_std": 0.1}
+
+    per_class = {n: scores(d) for n, d in zip(CLASSES, dice)}
+    honest = {n: {**v, "missed": 0, "spurious": 0} for n, v in per_class.items()}
+    mean = scores(float(np.mean(dice)))
+    return {
+        "paper": {"per_class": per_class, "mean": mean},
+        "honest": {"per_class": honest, "mean": {**mean, "hd95": hd95 + 1, "missed": missed, "spurious": 0}},
+        "num_volumes": 40,
+        "checkpoint_step": 20,
+        "units": "voxels",
+    }
+
+
+def make_done(run_dir: Path, dice: list[float], val: list[tuple[int, float]], wall: float = 60.0, **kw) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval_test.json").write_text(json.dumps(fake_eval(dice, **kw)))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"wall_time_s": wall, "iterations_per_s": 2.0, "peak_memory_mb": 100.0, "device": "cpu"})
+    )
+    records = [{"step": s, "loss": 1.0} for s, _ in val] + [{"step": s, "val_dice": v} for s, v in val]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_expansion_names_and_row_overrides(tmp_path: Path) -> None:
+    suite = load_suite(write_suite(tmp_path, device="cpu"))
+    runs = plan_runs(suite)
+    assert [r.name for r in runs] == [
+        "sup/3cases_seed0", "sup/3cases_seed1", "sup/7cases_seed0", "sup/7cases_seed1",
+        "vq/3cases_seed0", "vq/3cases_seed1", "vq/7cases_seed0", "vq/7cases_seed1",
+        "sup_all/70cases_seed0", "sup_all/70cases_seed1",
+    ]
+    vq = runs[6]
+    assert vq.run_dir == tmp_path / "out" / "vq" / "7cases_seed0"
+    assert vq.overrides == [
+        "train.device=cpu", "train.iterations=10", "method.name=vqseg", "method.pfa=false",
+        "data.labeled_cases=7", "seed=0", f"output_dir={vq.run_dir}",
+    ]
+    assert load_suite(write_suite(tmp_path), output=tmp_path / "elsewhere").output_dir == tmp_path / "elsewhere"
+
+
+def test_shipped_suites_expand() -> None:
+    acdc = plan_runs(load_suite(REPO / "benchmarks" / "acdc.yaml"))
+    assert len(acdc) == 5 * 2 * 2 + 2
+    assert {r.cases for r in acdc if r.row == "supervised_all"} == {70}
+    assert len(plan_runs(load_suite(REPO / "benchmarks" / "acdc_cpu.yaml"))) == 6
+    assert len(plan_runs(load_suite(REPO / "benchmarks" / "phantom_smoke.yaml"))) == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"seedz": [0]}, {"runs": {"a/b": []}}, {"runs": {"a": {"sett": []}}}, {"concurrent": 0}, {"labeled_cases": "3"}],
+)
+def test_bad_suites_are_rejected(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        load_suite(write_suite(tmp_path, **bad))
+
+
+def test_skips_done_resumes_partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = {"sup": ["method.name=supervised"], "vq": ["method.name=vqseg"]}
+    path = write_suite(tmp_path, labeled_cases=[3], seeds=[0], runs=rows)
+    out = tmp_path / "out"
+    make_done(out / "sup" / "3cases_seed0", [0.8, 0.7, 0.9], [(5, 0.5), (10, 0.6)])
+    partial = out / "vq" / "3cases_seed0"
+    partial.mkdir(parents=True)
+    (partial / "last.pt").write_bytes(b"")
+    assert run_status(out / "sup" / "3cases_seed0") == "done" and run_status(partial) == "partial"
+
+    launched: list[list[str]] = []
+
+    def fake_launch(cmd: list[str], log_path: Path) -> int:
+        launched.append(cmd)
+        assert log_path == partial / "train.log"
+        if cmd[3] == "evaluate":
+            make_done(partial, [0.6, 0.6, 0.6], [(10, 0.4)])
+        return 0
+
+    monkeypatch.setattr(benchmark, "launch", fake_launch)
+    records = run_suite(path)
+    assert [c[3] for c in launched] == ["train", "evaluate"]
+    train_cmd = launched[0]
+    assert "--resume" in train_cmd and f"output_dir={partial}" in train_cmd and "seed=0" in train_cmd
+    assert launched[1][4:] == [str(partial), "--split", "test"]
+    assert [r["row"] for r in records] == ["sup", "vq"]
+
+    launched.clear()
+    run_suite(path)  # a finished suite only re-aggregates
+    assert launched == []
+
+
+def test_failed_run_does_not_stop_the_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_suite(tmp_path, labeled_cases=[3], seeds=[0, 1], runs={"sup": ["method.name=supervised"]})
+    calls: list[str] = []
+
+    def fake_launch(cmd: list[str], log_path: Path) -> int:
+        calls.append(log_path.parent.name)
+        if log_path.parent.name == "3cases_seed0":
+            return 1
+        make_done(log_path.parent, [0.5, 0.5, 0.5], [(10, 0.5)])
+        return 0
+
+    monkeypatch.setattr(benchmark, "launch", fake_launch)
+    with pytest.raises(benchmark.SuiteError, match="sup/3cases_seed0"):
+        run_suite(path)
+    assert sorted(calls) == ["3cases_seed0", "3cases_seed1", "3cases_seed1"]  # no evaluate after a failed train
+    assert len(list(csv.DictReader((tmp_path / "out" / "results.csv").open()))) == 1
+
+
+def test_concurrent_runs_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = {"sup": ["method.name=supervised"]}
+    path = write_suite(tmp_path, labeled_cases=[3], seeds=[0, 1, 2], concurrent=3, runs=rows)
+    active, peak = [0], [0]
+
+    def fake_launch(cmd: list[str], log_path: Path) -> int:
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        active[0] -= 1
+        if cmd[3] == "evaluate":
+            make_done(log_path.parent, [0.5, 0.5, 0.5], [(10, 0.5)])
+        return 0
+
+    monkeypatch.setattr(benchmark, "launch", fake_launch)
+    run_suite(path)
+    assert peak[0] == 3
+
+
+def test_stale_run_folder_is_an_error(tmp_path: Path) -> None:
+    path = write_suite(tmp_path, labeled_cases=[3], seeds=[0], runs={"sup": ["method.name=supervised"]})
+    run_dir = tmp_path / "out" / "sup" / "3cases_seed0"
+    run_dir.mkdir(parents=True)
+    from vqseg.config import load_config, save_config
+
+    save_config(load_config(None, ["train.iterations=99"]), run_dir / "config.yaml")
+    with pytest.raises(ConfigError, match="train.iterations"):
+        run_suite(path, dry_run=True)
+
+
+def test_aggregation_numbers_tables_and_plots(tmp_path: Path) -> None:
+    path = write_suite(tmp_path)
+    out = tmp_path / "out"
+    make_done(out / "sup" / "3cases_seed0", [0.80, 0.70, 0.90], [(5, 0.5), (10, 0.7), (15, 0.7)], wall=60, missed=1)
+    make_done(out / "sup" / "3cases_seed1", [0.70, 0.60, 0.80], [(5, 0.4), (10, 0.6)], wall=180, missed=3)
+    make_done(out / "vq" / "7cases_seed0", [0.9, 0.9, 0.9], [(10, 0.8)], hd95=2.0)
+    suite = load_suite(path)
+    records = benchmark.write_results(suite, plan_runs(suite))  # 3 of 10 runs done: tabulate without training
+
+    assert [(r["row"], r["cases"], r["seed"]) for r in records] == [("sup", 3, 0), ("sup", 3, 1), ("vq", 7, 0)]
+    first = records[0]
+    assert first["dice"] == pytest.approx(0.8) and first["dice_Myo"] == 0.7
+    assert (first["best_val_dice"], first["best_step"]) == (0.7, 10)  # first step reaching the best
+    assert first["hd95_found"] == 6.0 and first["missed"] == 1
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 and float(rows[1]["dice"]) == pytest.approx(0.7)
+
+    md = (out / "results.md").read_text()
+    # sup, 3 cases: Dice 80 % and 70 % -> mean 75.00, sample std sqrt(50) = 7.07; time 1 and 3 min.
+    sup = next(line for line in md.splitlines() if line.startswith("| sup | 3 |"))
+    cells = [c.strip() for c in sup.strip("|").split("|")]
+    assert cells[2] == "2"
+    assert cells[3] == f"75.00 ± {np.std([80, 70], ddof=1):.2f}" == "75.00 ± 7.07"
+    assert cells[9] == "2.0 ± 1.4"  # missed 1 and 3
+    assert cells[10:13] == ["75.00 ± 7.07", "65.00 ± 7.07", "85.00 ± 7.07"]
+    assert cells[13] == "2.0 ± 1.4"
+    vq = next(line for line in md.splitlines() if line.startswith("| vq | 7 |"))
+    assert "90.00 ± —" in vq and "2.00 ± —" in vq
+    assert "3 of 10 planned runs" in md and "selected on validation" in md
+    for plot in ("dice_vs_labeled.png", "val_curves.png"):
+        assert (out / plot).stat().st_size > 1000
+
+
+def test_mean_std_uses_sample_std() -> None:
+    assert benchmark.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(np.std([1, 2, 4], ddof=1)), 3)
+    assert benchmark.mean_std([0.5]) == (0.5, None, 1)
+    assert benchmark.mean_std([None, 2.0]) == (2.0, None, 1)
+
+
+@pytest.mark.slow
+def test_phantom_smoke_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # suites resolve relative paths against the repository root
+    records = run_suite(Path("benchmarks/phantom_smoke.yaml"), tmp_path)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["row"] for r in rows] == ["supervised", "vqseg"] and len(records) == 2
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert (tmp_path / "supervised" / "4cases_seed0" / "train.log").read_text().count("$ ") == 2
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "val_curves.png").is_file()

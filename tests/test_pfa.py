@@ -1,0 +1,102 @@
+"""Tests for the Post-VQ Feature Adapter and the patch-wise InfoNCE loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqseg.modules.pfa import PostVQAdapter, patch_infonce
+
+
+def _features(b: int = 2, d: int = 16, h: int = 6, w: int = 10, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, d, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("in_hw, grid", [((4, 6), (12, 20)), ((32, 24), (8, 5)), ((8, 5), (8, 5))])
+def test_adapter_shapes_non_square(in_hw: tuple[int, int], grid: tuple[int, int]) -> None:
+    adapter = PostVQAdapter(in_channels=8, out_dim=24, grid=grid)
+    out = adapter(torch.randn(3, 8, *in_hw))
+    assert out.shape == (3, 24, *grid)
+
+
+@pytest.mark.parametrize("in_hw", [(4, 6), (32, 40)])
+def test_adapter_matches_resize_then_conv(in_hw: tuple[int, int]) -> None:
+    """The cheaper conv/resize order must equal the paper's resize-then-conv exactly."""
+    torch.manual_seed(0)
+    adapter = PostVQAdapter(in_channels=8, out_dim=5, grid=(12, 20))
+    x = torch.randn(2, 8, *in_hw)
+    reference = adapter.proj(F.interpolate(x, size=(12, 20), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(adapter(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_aligned_loss_lower_than_shuffled() -> None:
+    teacher = _features()
+    student = teacher + 0.1 * _features(seed=1)
+    b, d, h, w = student.shape
+    perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(2))
+    shuffled = student.flatten(2)[:, :, perm].reshape(b, d, h, w)
+    aligned_loss = patch_infonce(student, teacher, num_samples=None)
+    shuffled_loss = patch_infonce(shuffled, teacher, num_samples=None)
+    assert aligned_loss < 0.1 < math.log(h * w) < shuffled_loss
+
+
+def test_random_features_give_about_log_n() -> None:
+    loss = patch_infonce(_features(), _features(seed=1), tau=1.0, num_samples=None)
+    assert abs(loss.item() - math.log(60)) < 0.5
+
+
+def test_gradient_reaches_adapter_not_teacher() -> None:
+    adapter = PostVQAdapter(in_channels=8, out_dim=16, grid=(6, 10))
+    post_vq = torch.randn(2, 8, 3, 5, requires_grad=True)
+    teacher = _features().requires_grad_(True)
+    loss = patch_infonce(adapter(post_vq), teacher, num_samples=32)
+    loss.backward()
+    assert adapter.proj.weight.grad is not None and adapter.proj.weight.grad.abs().sum() > 0
+    assert post_vq.grad is not None and post_vq.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_tau_sharpens_aligned_loss() -> None:
+    teacher = _features()
+    student = teacher + 0.5 * _features(seed=1)
+    losses = [patch_infonce(student, teacher, tau=tau, num_samples=None).item() for tau in (1.0, 0.3, 0.07)]
+    assert losses[0] > losses[1] > losses[2]
+    with pytest.raises(ValueError, match="tau"):
+        patch_infonce(student, teacher, tau=0.0)
+
+
+def test_num_samples_behaviour() -> None:
+    student, teacher = _features(), _features(seed=1)
+    full = patch_infonce(student, teacher, num_samples=None)
+    torch.testing.assert_close(patch_infonce(student, teacher, num_samples=60), full)
+    torch.testing.assert_close(patch_infonce(student, teacher, num_samples=1000), full)
+    a = patch_infonce(student, teacher, num_samples=16, generator=torch.Generator().manual_seed(3))
+    b = patch_infonce(student, teacher, num_samples=16, generator=torch.Generator().manual_seed(3))
+    c = patch_infonce(student, teacher, num_samples=16, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    # With fewer candidates the random-feature loss approaches log(num_samples).
+    assert patch_infonce(student, teacher, tau=1.0, num_samples=4) < full
+    with pytest.raises(ValueError, match="num_samples"):
+        patch_infonce(student, teacher, num_samples=1)
+
+
+def test_subsampling_uses_same_locations_in_both_maps() -> None:
+    """Identical maps stay perfectly aligned after subsampling: a tiny loss, not log(n)."""
+    teacher = _features(d=64, h=16, w=16)
+    loss = patch_infonce(teacher.clone(), teacher, tau=0.05, num_samples=32)
+    assert loss < 1e-3
+
+
+def test_stable_with_half_teacher_and_tiny_tau() -> None:
+    teacher = _features().half()
+    loss = patch_infonce(_features(seed=1), teacher, tau=1e-4, num_samples=None)
+    assert torch.isfinite(loss)
+
+
+def test_shape_mismatch_errors() -> None:
+    with pytest.raises(ValueError, match="B x D x h x w"):
+        patch_infonce(_features(h=6), _features(h=7))
