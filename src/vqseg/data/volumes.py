@@ -79,7 +79,7 @@ def resize_slices(volume: Volume, size: int) -> tuple[Tensor, Tensor]:
     return image, label
 
 
-def stack_slices(volumes: list[Volume], size: int, keep_labels: bool) -> SliceSet:
+def stack_slices(volumes: list[Volume], size: int, keep_labels: bool, channels: int = 1) -> SliceSet:
     images, labels, names = [], [], []
     for volume in volumes:
         image, label = resize_slices(volume, size)
@@ -87,5 +87,6 @@ def stack_slices(volumes: list[Volume], size: int, keep_labels: bool) -> SliceSe
         labels.append(label)
         names.extend(f"{volume.name}_slice{i}" for i in range(image.shape[0]))
     if not images:
-        return SliceSet(torch.empty(0, 1, size, size), torch.empty(0, size, size, dtype=torch.uint8) if keep_labels else None, [])
+        labels = torch.empty(0, size, size, dtype=torch.uint8) if keep_labels else None
+        return SliceSet(torch.empty(0, channels, size, size), labels, [])
     return SliceSet(torch.cat(images), torch.cat(labels) if keep_labels else None, names)

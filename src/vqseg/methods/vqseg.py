@@ -31,7 +31,15 @@ from torch.nn import functional as F
 from vqseg.config import MethodConfig, resolve_path
 from vqseg.data.augment import Augmenter
 from vqseg.engine.ema import ema_update, make_teacher
-from vqseg.methods.base import Batch, Method, StepOutput, confident_labels, make_unlabeled_views, seg_loss
+from vqseg.methods.base import (
+    Batch,
+    Method,
+    StepOutput,
+    confident_labels,
+    make_unlabeled_views,
+    seg_loss,
+    sigmoid_rampup,
+)
 from vqseg.models import frozen_running_stats
 from vqseg.models.vq_net import VQSegNet
 from vqseg.modules.qpm import QPM
@@ -71,6 +79,7 @@ class VQSegConfig(MethodConfig):
     threshold: float = 0.95  # as the released code; 0 keeps every pixel (the paper)
     cutmix: bool = True
     lambda_u: float = 1.0
+    u_rampup: float = 0.0  # sigmoid ramp-up of lambda_u over this fraction of training (0 = paper)
     lambda_rec: float = 1.0
     lambda_align: float = 5.0
     lambda_vq: float = 1.0
@@ -164,7 +173,8 @@ class VQSeg(Method):
         loss_pdcr_u, pdcr_u_logs = self.pseudo_label_pdcr(pseudo, ignore)
         loss_vq = 0.5 * (clean.vq_loss + perturbed.vq_loss)
 
-        loss = loss_sup + p.lambda_u * loss_u + p.lambda_vq * loss_vq + loss_pdcr + p.lambda_u * loss_pdcr_u
+        lambda_u = p.lambda_u * sigmoid_rampup(self.progress(step), p.u_rampup)
+        loss = loss_sup + lambda_u * loss_u + p.lambda_vq * loss_vq + loss_pdcr + lambda_u * loss_pdcr_u
         logs = {
             **pdcr_logs,
             **pdcr_u_logs,
