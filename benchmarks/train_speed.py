@@ -4,7 +4,7 @@ Each method runs in its own subprocess (so peak memory is its own) on the real A
 slices at 256 x 256 with batch 12 labelled + 12 unlabelled, the SSL4MIS protocol's setting.
 Prints a markdown table and writes it to benchmarks/logs/train_speed_<device>.log.
 
-    python benchmarks/train_speed.py --methods supervised vqseg --steps 5
+    python benchmarks/train_speed.py --methods supervised "vqseg:method.pfa=false" --steps 5
     python benchmarks/train_speed.py --eval-run runs/acdc_cpu/supervised_3cases
 """
 
@@ -59,8 +59,10 @@ print(json.dumps({"median_s": times[len(times) // 2], "peak_mb": peak_memory_mb(
 """
 
 
-def measure(method: str, overrides: list[str], warmup: int, steps: int) -> dict:
-    args = [f"method.name={method}", *overrides]
+def measure(spec: str, overrides: list[str], warmup: int, steps: int) -> dict:
+    """``spec`` is a method name, optionally with its own overrides: ``vqseg:method.pfa=false,method.eps=0.5``."""
+    method, _, extra = spec.partition(":")
+    args = [f"method.name={method}", *overrides, *(e for e in extra.split(",") if e)]
     out = subprocess.run(
         [sys.executable, "-c", _WORKER, json.dumps(args), str(warmup), str(steps)],
         capture_output=True, text=True, check=True, cwd=REPO,
@@ -98,7 +100,8 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     results = {m: measure(m, base, args.warmup, args.steps) for m in args.methods}
-    ref = results.get("supervised", next(iter(results.values())))["median_s"]
+    ref = next((r for name, r in results.items() if name.partition(":")[0] == "supervised"), next(iter(results.values())))
+    ref = ref["median_s"]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['median_s']:.3f} | {1 / r['median_s']:.3f} | {r['peak_mb']:.0f} | {r['params_m']:.2f} | {r['median_s'] / ref:.2f}x |"

@@ -168,15 +168,19 @@ def test_concurrent_runs_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert peak[0] == 3
 
 
-def test_stale_run_folder_is_an_error(tmp_path: Path) -> None:
+def test_changed_config_blocks_resume_but_keeps_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_suite(tmp_path, labeled_cases=[3], seeds=[0], runs={"sup": ["method.name=supervised"]})
     run_dir = tmp_path / "out" / "sup" / "3cases_seed0"
     run_dir.mkdir(parents=True)
     from vqseg.config import load_config, save_config
 
     save_config(load_config(None, ["train.iterations=99"]), run_dir / "config.yaml")
+    (run_dir / "last.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="train.iterations"):
         run_suite(path, dry_run=True)
+    make_done(run_dir, [0.5, 0.5, 0.5], [(10, 0.5)])
+    run_suite(path, dry_run=True)
+    assert "results are kept" in capsys.readouterr().err
 
 
 def test_aggregation_numbers_tables_and_plots(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ Each run (``<row>/<cases>cases_seed<seed>``) is ``vqseg train`` then ``vqseg eva
 each in its own subprocess so that a crash or an out-of-memory kill costs one run, not the suite, and
 so that ``concurrent`` runs can share one GPU. The suite is resumable: a run with ``eval_test.json`` is
 done, a finished training (``summary.json``) is only evaluated, and one with ``last.pt`` continues with
-``--resume``. A run folder trained with another config than the suite now asks for is an error rather
-than silently reused. After the runs, ``results.csv``, ``results.md``, ``dice_vs_labeled.png`` and
-``val_curves.png`` are written from whatever runs are done.
+``--resume``. Resuming a run folder begun with another config than the suite now asks for is an
+error; a finished one is kept with a note. After the runs, ``results.csv``, ``results.md``,
+``dice_vs_labeled.png`` and ``val_curves.png`` are written from whatever runs are done.
 """
 
 from __future__ import annotations
@@ -210,25 +210,34 @@ def launch(cmd: list[str], log_path: Path) -> int:
 
 
 def _check_configs(suite: Suite, runs: list[RunSpec]) -> None:
-    """Build every run's config in-process, so a typo fails now and stale run folders are caught."""
+    """Build every run's config in-process, so a typo fails now, and compare it with existing run folders.
+
+    Resuming a run under another config would mix two experiments in one checkpoint, so that is an
+    error; a run already trained keeps its results (evaluation uses its own saved config) with a note.
+    Keys only one side has are ignored, so that a field added to the code does not orphan old runs.
+    """
     for run in runs:
         planned = to_dict(load_config(suite.config, run.overrides))
         saved_path = run.run_dir / "config.yaml"
-        if not saved_path.is_file():
+        status = run_status(run.run_dir)
+        if status == "todo" or not saved_path.is_file():
             continue
         saved = yaml.safe_load(saved_path.read_text()) or {}
         changed = sorted(_diff(planned, saved) - {"output_dir"})
-        if changed:
-            raise ConfigError(
-                f"{run.run_dir} was trained with another config than the suite asks for now "
-                f"(differs in {', '.join(changed)}); delete the folder or choose another --output"
-            )
+        if not changed:
+            continue
+        message = f"{run.run_dir} was trained with another config than the suite asks for now"
+        message += f" (differs in {', '.join(changed)})"
+        if status == "partial":
+            raise ConfigError(f"{message}; delete the folder or choose another --output")
+        print(f"note: {message}; its results are kept", file=sys.stderr)
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return {k for key in set(a) | set(b) for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")}
-    return set() if a == b else {prefix.rstrip(".")}
+def _diff(planned: Any, saved: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ, among the keys both configs have."""
+    if isinstance(planned, dict) and isinstance(saved, dict):
+        return {k for key in set(planned) & set(saved) for k in _diff(planned[key], saved[key], f"{prefix}{key}.")}
+    return set() if planned == saved else {prefix.rstrip(".")}
 
 
 def _execute(suite: Suite, run: RunSpec) -> bool:
