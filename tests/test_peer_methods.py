@@ -159,3 +159,22 @@ def test_pdcr_on_labelled_pixels(name: str, batch: Batch) -> None:
     method = build(name, "pdcr.layers=[{name: encoder.downs.0, num_samples: 8}]")
     out = method.training_step(batch, 0)
     assert "pdcr/total" in out.logs and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("name", ["mean_teacher", "unimatch", "cps"])
+def test_pdcr_on_unlabelled_rows_uses_confident_pseudo_labels(name, monkeypatch, batch: Batch):
+    from vqseg.methods.base import Method
+
+    seen = {}
+    original = Method.pdcr_term
+
+    def spy(self, labels, ignore=None):
+        seen["ignored_unlabeled"] = ignore[labels.shape[0] // 2 :].float().mean().item()
+        return original(self, labels, ignore)
+
+    monkeypatch.setattr(Method, "pdcr_term", spy)
+    layers = "pdcr.layers=[{name: encoder.downs.3, num_samples: 8, weight: 0.1}]"
+    for unlabeled, expected in (("false", 1.0), ("true", 0.0)):
+        method = build(name, layers, f"pdcr.unlabeled={unlabeled}", "pdcr.unlabeled_threshold=0.0")
+        method.training_step(batch, 0)
+        assert seen["ignored_unlabeled"] == expected, (name, unlabeled)

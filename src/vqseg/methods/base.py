@@ -181,11 +181,23 @@ def sigmoid_rampup(progress: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-def labeled_pdcr(method: Method, labels: Tensor, unlabeled_rows: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """PDCR on a student pass over the labelled rows followed by ``unlabeled_rows`` ignored rows."""
-    pad = labels.new_zeros((unlabeled_rows, *labels.shape[1:]))
-    ignore = torch.cat([torch.zeros_like(labels, dtype=torch.bool), torch.ones_like(pad, dtype=torch.bool)])
-    return method.pdcr_term(torch.cat([labels, pad]), ignore)
+def labeled_pdcr(
+    method: Method, labels: Tensor, unlabeled_rows: int, unlabeled_logits: Tensor | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PDCR on a student pass over the labelled rows followed by ``unlabeled_rows`` unlabelled rows.
+
+    The unlabelled rows are ignored unless ``pdcr.unlabeled`` is set and predictions for them are
+    given (a teacher's, a peer's or the weak view's): then their confident pseudo-labels
+    (``pdcr.unlabeled_threshold``) drive PDCR there too.
+    """
+    settings = method.cfg.pdcr
+    if unlabeled_logits is not None and settings.unlabeled:
+        pseudo, ignore_u = confident_labels(unlabeled_logits, settings.unlabeled_threshold)
+    else:
+        pseudo = labels.new_zeros((unlabeled_rows, *labels.shape[1:]))
+        ignore_u = torch.ones_like(pseudo, dtype=torch.bool)
+    ignore = torch.cat([torch.zeros_like(labels, dtype=torch.bool), ignore_u])
+    return method.pdcr_term(torch.cat([labels, pseudo]), ignore)
 
 
 def confident_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:

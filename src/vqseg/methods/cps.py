@@ -56,8 +56,8 @@ class CPS(Method):
         n_l = x_l.shape[0]
         inputs = torch.cat([x_l, u])
         logits_1 = self.student(inputs)
-        loss_pdcr, logs = labeled_pdcr(self, y_l, u.shape[0])
-        logits_2 = self.peer(inputs)
+        logits_2 = self.peer(inputs)  # a separate network: the student's feature taps are untouched
+        loss_pdcr, logs = labeled_pdcr(self, y_l, u.shape[0], logits_2[n_l:].detach())
 
         loss_sup_1 = seg_loss(logits_1[:n_l], y_l, self.num_classes)
         loss_sup_2 = seg_loss(logits_2[:n_l], y_l, self.num_classes)

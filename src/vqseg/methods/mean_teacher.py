@@ -66,9 +66,10 @@ class MeanTeacher(Method):
         n_l = x_l.shape[0]
         logits = self.student(torch.cat([x_l, self._noisy(u) if self.params.student_noise else u]))
         loss_sup = seg_loss(logits[:n_l], y_l, self.num_classes)
-        loss_pdcr, logs = labeled_pdcr(self, y_l, u.shape[0])
         with torch.no_grad():
-            teacher_probs = self.teacher(self._noisy(u)).float().softmax(dim=1)
+            teacher_logits = self.teacher(self._noisy(u))
+        teacher_probs = teacher_logits.float().softmax(dim=1)
+        loss_pdcr, logs = labeled_pdcr(self, y_l, u.shape[0], teacher_logits)
         loss_cons = F.mse_loss(logits[n_l:].float().softmax(dim=1), teacher_probs)
         weight = self.consistency_weight(step)
         logs.update({

@@ -69,7 +69,7 @@ class UniMatch(Method):
 
         features = self.student.encode(torch.cat([x_l, views1.weak]))
         logits_x, logits_w = self.student.decode(features).split([n_l, n_u])
-        loss_pdcr, logs = labeled_pdcr(self, y_l, n_u)
+        loss_pdcr, logs = labeled_pdcr(self, y_l, n_u, logits_w)
         logits_fp = self.student.decode([F.dropout2d(f[n_l:], p.fp_dropout, training=True) for f in features])
         logits_s1, logits_s2 = self.student(torch.cat([views1.strong, views2.strong])).chunk(2)
 
