@@ -32,7 +32,7 @@ class FakeFoundation(nn.Module):
 
 
 def vqseg_config(**overrides):
-    defaults = {"method.name": "vqseg", "method.codebook_size": 64, "method.foundation_cache": "/tmp/unused"}
+    defaults = {"method.name": "vqseg", "method.codebook_size": 64, "method.foundation_cache": "unused-cache"}
     defaults.update(overrides)
     return tiny_config(**defaults)
 

@@ -204,7 +204,8 @@ def launch(cmd: list[str], log_path: Path) -> int:
     """Run one subprocess with its output appended to the run's log; the exit status is returned."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
+        shown = ["python" if part == sys.executable else part for part in cmd]  # no machine paths in logs
+        log.write(f"\n$ {' '.join(shown)}\n")
         log.flush()
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
 

@@ -104,8 +104,8 @@ class VQSeg(Method):
         self.params = p
         if not p.backbone_dropout:
             # Dropout before the quantizer flips code assignments between training and evaluation
-            # (phantom task, 100 iterations: 0.50 validation Dice with the SSL4MIS U-Net's encoder
-            # dropout, 0.90 without). The paper's DINOv2 backbone has none; QPM is the perturbation.
+            # (markedly slower learning on the phantom task with the SSL4MIS U-Net's encoder dropout).
+            # The paper's DINOv2 backbone has none; QPM is the perturbation.
             for module in self.student.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
