@@ -25,8 +25,8 @@ _WORKER = r"""
 import json, sys, time, torch
 from vqseg.config import load_config
 from vqseg.data import load_training_data
-from vqseg.engine.sampler import InfiniteSampler
-from vqseg.engine.trainer import Streams, _next_batch, build_run_method, make_optimizer, peak_memory_mb, select_device
+from vqseg.engine.distributed import DistInfo
+from vqseg.engine.trainer import Streams, build_run_method, make_optimizer, optimization_step, peak_memory_mb, select_device
 cfg = load_config(None, json.loads(sys.argv[1]))
 device = select_device(cfg.train.device)
 data = load_training_data(cfg)
@@ -35,16 +35,9 @@ method.prepare(data)
 method.train()
 params = [p for p in method.parameters() if p.requires_grad]
 optimizer = make_optimizer(cfg, params)
-streams = Streams(InfiniteSampler(len(data.labeled), cfg.train.batch_size, 0),
-                  InfiniteSampler(len(data.unlabeled), cfg.train.unlabeled_batch_size, 1) if method.uses_unlabeled else None)
+streams = Streams.for_rank(cfg, data, method.uses_unlabeled, DistInfo())
 def step(i):
-    batch = _next_batch(data, streams, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp):
-        out = method.training_step(batch, i)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    optimizer.step()
-    method.after_step(i)
+    optimization_step(method, optimizer, params, streams.next_batch(data, device), i, cfg.train.amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])

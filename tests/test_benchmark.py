@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import tiny_overrides
 
 from vqseg import benchmark
 from vqseg.benchmark import load_suite, plan_runs, run_status, run_suite
-from vqseg.config import ConfigError
+from vqseg.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["RV", "Myo", "LV"]
@@ -88,6 +90,25 @@ def test_shipped_suites_expand() -> None:
     assert {r.cases for r in acdc if r.row == "supervised_all"} == {70}
     assert len(plan_runs(load_suite(REPO / "benchmarks" / "acdc_cpu.yaml"))) == 6
     assert len(plan_runs(load_suite(REPO / "benchmarks" / "phantom_smoke.yaml"))) == 2
+
+
+@pytest.mark.parametrize("suite", ["vqseg_ablation.yaml", "vqseg_ablation_cpu.yaml"])
+def test_vqseg_ablation_rows_resolve_to_the_switches_they_are_named_after(suite: str) -> None:
+    parts = {"base": ("none", False, False), "qpm": ("qpm", False, False), "qpm_db": ("qpm", True, False),
+             "qpm_pfa": ("qpm", False, True), "all": ("qpm", True, True)}
+    loaded = load_suite(REPO / "benchmarks" / suite)
+    for run in plan_runs(loaded):
+        method = load_config(loaded.config, run.overrides).method
+        if run.row == "supervised":
+            assert method.name == "supervised"
+            continue
+        switches = (method.perturbation, method.dual_branch, method.pfa)
+        if run.row.startswith("eps"):
+            assert switches == parts["all"] and method.eps == float(run.row[3:])
+        elif run.row.startswith("dropout"):
+            assert switches == ("dropout", True, True) and method.dropout == float(run.row[7:])
+        else:
+            assert switches == parts[run.row] and method.eps == 0.7
 
 
 @pytest.mark.parametrize(
@@ -232,3 +253,12 @@ def test_phantom_smoke_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     assert (tmp_path / "supervised" / "4cases_seed0" / "train.log").read_text().count("$ ") == 2
     assert (tmp_path / "results.md").is_file() and (tmp_path / "val_curves.png").is_file()
+
+
+def test_train_speed_worker_takes_real_training_steps() -> None:
+    """benchmarks/train_speed.py times the trainer's own step function; this keeps the two in sync."""
+    spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+    result = train_speed.measure("vqseg:method.pfa=false,method.codebook_size=64", tiny_overrides(), warmup=1, steps=2)
+    assert result["median_s"] > 0 and result["params_m"] > 0

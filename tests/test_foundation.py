@@ -77,6 +77,14 @@ def test_precompute_features_batches_to_half() -> None:
     torch.testing.assert_close(feats, enc(images).half())
 
 
+def test_precompute_progress_in_a_log_file_is_a_few_lines(capsys) -> None:
+    """Redirected stderr (a benchmark suite's train.log) must not get one update per batch."""
+    precompute_features(CountingEncoder(), torch.rand(40, 1, 32, 32), batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "counting features" in err and "40/40" in err
+    assert err.count("counting features") <= 3
+
+
 def test_cached_features_hits_and_misses(tmp_path: Path) -> None:
     enc = CountingEncoder()
     images = torch.rand(3, 1, 32, 32)

@@ -39,7 +39,7 @@ def small_blob(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """A blob confined to a random sub-box, so cropping to the bounding box matters."""
     mask = np.zeros(shape, bool)
     lo = [int(rng.integers(0, s // 2)) for s in shape]
-    sub = tuple(slice(l, l + max(2, s // 3)) for l, s in zip(lo, shape))
+    sub = tuple(slice(start, start + max(2, s // 3)) for start, s in zip(lo, shape))
     mask[sub] = blobs(rng, mask[sub].shape, 0.5, sigma=1.0)
     return mask
 
@@ -269,12 +269,12 @@ def test_format_markdown_table():
     lines = text.splitlines()
     assert lines[0].startswith("| Class | Dice | Jaccard | HD95 | ASD |")
     assert "#missed" in lines[0]
-    lv = next(l for l in lines if l.startswith("| LV "))
-    rv = next(l for l in lines if l.startswith("| RV "))
+    lv = next(line for line in lines if line.startswith("| LV "))
+    rv = next(line for line in lines if line.startswith("| RV "))
     assert lv.split("|")[2].strip() == "0.8000"
     assert rv.split("|")[6].strip() == "n/a"  # honest HD95: never found
     assert rv.split("|")[8].strip() == "1"  # missed once
-    assert any(l.startswith("| **mean** ") for l in lines)
+    assert any(line.startswith("| **mean** ") for line in lines)
 
 
 # ---------------------------------------------------------------------------

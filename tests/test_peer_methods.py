@@ -7,7 +7,6 @@ checked on its logs and state.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

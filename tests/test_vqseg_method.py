@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from conftest import tiny_config
+from vqseg.config import ConfigError
 from vqseg.data.phantom import make_cases
 from vqseg.data.volumes import SegmentationData, stack_slices
 from vqseg.engine.trainer import build_run_method
@@ -135,6 +136,13 @@ def test_unknown_ablation_is_a_config_error():
 
     with pytest.raises((ConfigError, ValueError), match="ablation"):
         vqseg_config(**{"method.ablation": "everything"})
+
+
+def test_ablation_preset_that_contradicts_an_explicit_switch_is_an_error():
+    with pytest.raises((ConfigError, ValueError), match="method.perturbation=dropout"):
+        vqseg_config(**{"method.ablation": "all", "method.perturbation": "dropout"})
+    agreeing = vqseg_config(**{"method.ablation": "qpm", "method.dual_branch": False}).method
+    assert (agreeing.perturbation, agreeing.dual_branch, agreeing.pfa) == ("qpm", False, False)
 
 
 def test_frozen_running_stats_normalises_with_batch_statistics_but_keeps_running_ones():

@@ -302,7 +302,8 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation Dice) pairs from a run's metrics.jsonl; empty before the first validation."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -316,7 +317,7 @@ def run_record(run: RunSpec) -> dict[str, Any]:
     summary = _read_json(run.run_dir / "summary.json")
     cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text()) if (run.run_dir / "config.yaml").is_file() else {}
     paper, honest = ev["paper"]["mean"], ev["honest"]["mean"]
-    curve = _val_curve(run.run_dir)
+    curve = val_curve(run.run_dir)
     if curve:
         best_step, best_val = max(curve, key=lambda c: (c[1], -c[0]))  # the trainer keeps the first best
     else:
@@ -448,7 +449,7 @@ def _plot(suite: Suite, runs: list[RunSpec], records: list[dict[str, Any]]) -> N
     styles = ["-", "--", ":", "-."]
     all_cases = sorted({run.cases for run in runs})
     for run in runs:
-        curve = _val_curve(run.run_dir)
+        curve = val_curve(run.run_dir)
         if curve:
             ax.plot(
                 [c[0] for c in curve], [c[1] for c in curve], color=colors[run.row],

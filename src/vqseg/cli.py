@@ -29,9 +29,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _metrics(args: argparse.Namespace) -> None:
-    from vqseg.evaluation.metrics import compare_volumes, format_compare
-
     from vqseg.data.volumes import DataError
+    from vqseg.evaluation.metrics import compare_volumes, format_compare
 
     try:
         result = compare_volumes(args.pred, args.gt, tuple(args.spacing) if args.spacing else None, args.num_classes)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import math
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vqseg.config import Config, ConfigError, save_config, to_dict
 from vqseg.data import DataError, SegmentationData, load_training_data
@@ -32,8 +30,9 @@ from vqseg.engine.distributed import (
 from vqseg.engine.sampler import InfiniteSampler
 from vqseg.evaluation.inference import mean_dice, predict_volumes
 from vqseg.methods import build_method
-from vqseg.methods.base import Batch, Method
+from vqseg.methods.base import Batch, Method, StepOutput
 from vqseg.models import build_model
+from vqseg.progress import progress_bar
 
 
 def select_device(name: str) -> torch.device:
@@ -76,8 +75,65 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class Streams:
+    """Where the next labelled and unlabelled batch indices come from; part of the resumable state."""
+
     labeled: InfiniteSampler
     unlabeled: InfiniteSampler | None
+
+    @classmethod
+    def for_rank(cls, cfg: Config, data: SegmentationData, uses_unlabeled: bool, info: DistInfo) -> Streams:
+        """Each process draws its share of the global batch from its own seeded stream."""
+        t = cfg.train
+        seed = cfg.seed * 1000 + info.rank
+        return cls(
+            InfiniteSampler(len(data.labeled), t.batch_size // info.world_size, seed),
+            InfiniteSampler(len(data.unlabeled), t.unlabeled_batch_size // info.world_size, seed + 500)
+            if uses_unlabeled
+            else None,
+        )
+
+    def next_batch(self, data: SegmentationData, device: torch.device) -> Batch:
+        li = self.labeled.next()
+        batch = Batch(
+            labeled=data.labeled.images[li].to(device, non_blocking=True),
+            labels=data.labeled.labels[li].to(device, non_blocking=True).long(),
+            labeled_index=li,
+        )
+        if self.unlabeled is not None:
+            ui = self.unlabeled.next()
+            batch.unlabeled = data.unlabeled.images[ui].to(device, non_blocking=True)
+            batch.unlabeled_index = ui
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"labeled": self.labeled.state_dict(), **({"unlabeled": self.unlabeled.state_dict()} if self.unlabeled else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labeled.load_state_dict(state["labeled"])
+        if self.unlabeled is not None:
+            self.unlabeled.load_state_dict(state["unlabeled"])
+
+
+def optimization_step(
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    batch: Batch,
+    step: int,
+    amp: bool,
+    info: DistInfo | None = None,
+) -> StepOutput:
+    """One update: the method's loss under autocast, backward, gradient averaging across processes,
+    the optimiser step, then the method's own after-step work (e.g. the EMA teacher)."""
+    with torch.autocast(batch.labeled.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = method.training_step(batch, step)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if info is not None:
+        average_gradients(params, info)
+    optimizer.step()
+    method.after_step(step)
+    return out
 
 
 def _step_of(line: str) -> float:
@@ -144,12 +200,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: max(0.0, 1.0 - it / t.iterations) ** t.poly_power
     )
-    streams = Streams(
-        InfiniteSampler(len(data.labeled), t.batch_size // info.world_size, cfg.seed * 1000 + info.rank),
-        InfiniteSampler(len(data.unlabeled), t.unlabeled_batch_size // info.world_size, cfg.seed * 1000 + 500 + info.rank)
-        if method.uses_unlabeled
-        else None,
-    )
+    streams = Streams.for_rank(cfg, data, method.uses_unlabeled, info)
     torch.manual_seed(cfg.seed * 7919 + info.rank)  # augmentation/dropout randomness differs per rank
 
     start_step, best = 0, {"val_dice": -1.0, "step": -1}
@@ -158,31 +209,20 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        streams.labeled.load_state_dict(state["samplers"][info.rank]["labeled"])
-        if streams.unlabeled is not None:
-            streams.unlabeled.load_state_dict(state["samplers"][info.rank]["unlabeled"])
+        streams.load_state_dict(state["samplers"][info.rank])
         set_rng_state(state["rng"][info.rank])
         start_step, best = state["step"], state["best"]
 
     log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
     writer = _tensorboard(run_dir) if info.is_main else None
-    bar = tqdm(
-        total=t.iterations, initial=start_step, disable=not info.is_main, dynamic_ncols=True,
-        mininterval=1.0 if sys.stderr.isatty() else 30.0, desc=cfg.method.name,
-    )
+    bar = progress_bar(t.iterations, cfg.method.name, disable=not info.is_main, initial=start_step)
     began, step_times = time.time(), []
     method.train()
     for step in range(start_step, t.iterations):
         tick = time.perf_counter()
-        batch = _next_batch(data, streams, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp):
-            out = method.training_step(batch, step)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        average_gradients(params, info)
-        optimizer.step()
+        batch = streams.next_batch(data, device)
+        out = optimization_step(method, optimizer, params, batch, step, t.amp, info)
         scheduler.step()
-        method.after_step(step)
         step_times.append(time.perf_counter() - tick)
         done = step + 1
         bar.update(1)
@@ -195,7 +235,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
             for key, value in record.items():
                 if key != "step":
                     writer.add_scalar(f"train/{key}", value, done)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)  # the bar redraws on its own interval
 
         if done % t.val_every == 0 or done == t.iterations:
             broadcast_state(method, info)  # batch-norm statistics are per rank; validate rank 0's
@@ -261,20 +301,6 @@ def _scalars(logs: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items()}
 
 
-def _next_batch(data: SegmentationData, streams: Streams, device: torch.device) -> Batch:
-    li = streams.labeled.next()
-    batch = Batch(
-        labeled=data.labeled.images[li].to(device, non_blocking=True),
-        labels=data.labeled.labels[li].to(device, non_blocking=True).long(),
-        labeled_index=li,
-    )
-    if streams.unlabeled is not None:
-        ui = streams.unlabeled.next()
-        batch.unlabeled = data.unlabeled.images[ui].to(device, non_blocking=True)
-        batch.unlabeled_index = ui
-    return batch
-
-
 def _validate(cfg: Config, method: Method, data: SegmentationData, device: torch.device) -> float:
     predictions = predict_volumes(method.predictor(), data.val, cfg.train.image_size, cfg.eval.batch_size, device, cfg.train.amp)
     return mean_dice(predictions, data.val, data.num_classes)
@@ -283,7 +309,7 @@ def _validate(cfg: Config, method: Method, data: SegmentationData, device: torch
 def _save_state(path, method, optimizer, scheduler, streams: Streams, step: int, best: dict, info: DistInfo) -> None:
     """Every rank's sampler and RNG state is gathered so a resumed multi-process run is exact too."""
     local = {
-        "samplers": {"labeled": streams.labeled.state_dict(), **({"unlabeled": streams.unlabeled.state_dict()} if streams.unlabeled else {})},
+        "samplers": streams.state_dict(),
         "rng": rng_state(),
     }
     gathered = [local]

@@ -22,7 +22,7 @@ backbone's dropout is off and the perturbed pass does not update batch-norm runn
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ ABLATIONS = {
 @dataclass
 class VQSegConfig(MethodConfig):
     name: str = "vqseg"
-    ablation: str = ""  # one of ABLATIONS: overrides perturbation / dual_branch / pfa
+    ablation: str = ""  # one of ABLATIONS: sets perturbation / dual_branch / pfa (a clash is an error)
     perturbation: str = "qpm"  # qpm | shuffle | dropout | none
     eps: float = 0.7  # QPM strength
     temperature: float = 1.0
@@ -89,7 +89,15 @@ class VQSegConfig(MethodConfig):
         if self.ablation:
             if self.ablation not in ABLATIONS:
                 raise ValueError(f"method.ablation={self.ablation!r}; choose from {sorted(ABLATIONS)}")
+            defaults = {f.name: f.default for f in fields(self)}
             for key, value in ABLATIONS[self.ablation].items():
+                given = getattr(self, key)
+                if given not in (value, defaults[key]):
+                    # e.g. ablation=all with perturbation=dropout: the preset would silently win
+                    raise ValueError(
+                        f"method.ablation={self.ablation} sets method.{key}={value}, but method.{key}={given} "
+                        "was also given; drop one of the two"
+                    )
                 setattr(self, key, value)
         if self.perturbation not in ("qpm", "shuffle", "dropout", "none"):
             raise ValueError(f"method.perturbation={self.perturbation!r}; choose qpm, shuffle, dropout or none")

@@ -91,7 +91,8 @@ class VQSegNet(nn.Module):
         depth = len(channels)
         self.levels = sorted({level % depth for level in levels})
         self.quantizers = nn.ModuleDict({
-            str(l): FactorizedQuantizer(channels[l], code_dim, codebook_size, beta, cosine) for l in self.levels
+            str(level): FactorizedQuantizer(channels[level], code_dim, codebook_size, beta, cosine)
+            for level in self.levels
         })
         self.recon_decoder = BottleneckDecoder(channels, in_channels) if reconstruct else None
 

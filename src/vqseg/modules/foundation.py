@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vqseg.progress import progress_bar
 
 FOUNDATION_CHOICES = ("litemedsam", "dinov2", "none")
 
@@ -221,15 +221,10 @@ def precompute_features(encoder: FoundationEncoder, images: Tensor, batch_size: 
     """
     n = images.shape[0]
     out = torch.empty((n, encoder.dim, *encoder.grid), dtype=torch.float16)
-    start = time.perf_counter()
-    for i in range(0, n, batch_size):
-        out[i:i + batch_size] = encoder(images[i:i + batch_size]).to("cpu", torch.float16)
-        if progress:
-            done = min(i + batch_size, n)
-            elapsed = time.perf_counter() - start
-            eta = elapsed / done * (n - done)
-            print(f"\r{encoder.name} features {done}/{n}  {elapsed:.0f}s elapsed, ~{eta:.0f}s left",
-                  end="" if done < n else "\n", file=sys.stderr, flush=True)
+    with progress_bar(n, f"{encoder.name} features", disable=not progress) as bar:
+        for i in range(0, n, batch_size):
+            out[i:i + batch_size] = encoder(images[i:i + batch_size]).to("cpu", torch.float16)
+            bar.update(min(batch_size, n - i))
     return out
 
 
