@@ -35,9 +35,10 @@ method.prepare(data)
 method.train()
 params = [p for p in method.parameters() if p.requires_grad]
 optimizer = make_optimizer(cfg, params)
-streams = Streams.for_rank(cfg, data, method.uses_unlabeled, DistInfo())
+info = DistInfo()
+streams = Streams.for_rank(cfg, data, method.uses_unlabeled, info)
 def step(i):
-    optimization_step(method, optimizer, params, streams.next_batch(data, device), i, cfg.train.amp)
+    optimization_step(method, optimizer, params, streams.next_batch(data, device), i, cfg.train.amp, info)
     if device.type == "cuda":
         torch.cuda.synchronize()
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])

@@ -246,10 +246,10 @@ def test_env_expansion_default_covers_empty_value(monkeypatch):
     assert expand_env("${VQSEG_DATA:-/fallback/data}/acdc") == "/fallback/data/acdc"
 
 
-def test_env_expansion_leaves_plain_text_and_expands_home(monkeypatch):
-    monkeypatch.setenv("HOME", "/home/tester")
+def test_env_expansion_leaves_plain_text_and_expands_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
     assert expand_env("runs/$x/{y}") == "runs/$x/{y}"
-    assert resolve_path("~/data") == Path("/home/tester/data")
+    assert resolve_path("~/data") == tmp_path / "data"
 
 
 def test_default_data_root_follows_env(monkeypatch, tmp_path):

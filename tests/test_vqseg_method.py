@@ -143,6 +143,21 @@ def test_ablation_preset_that_contradicts_an_explicit_switch_is_an_error():
         vqseg_config(**{"method.ablation": "all", "method.perturbation": "dropout"})
     agreeing = vqseg_config(**{"method.ablation": "qpm", "method.dual_branch": False}).method
     assert (agreeing.perturbation, agreeing.dual_branch, agreeing.pfa) == ("qpm", False, False)
+    with pytest.raises((ConfigError, ValueError), match="method.perturbation=qpm"):  # explicit default too
+        vqseg_config(**{"method.ablation": "base", "method.perturbation": "qpm"})
+    with pytest.raises((ConfigError, ValueError), match="foundation=none"):
+        vqseg_config(**{"method.ablation": "all", "method.foundation": "none"})
+    full = vqseg_config().method
+    assert (full.perturbation, full.dual_branch, full.pfa) == ("qpm", True, True)
+    assert not vqseg_config(**{"method.foundation": "none"}).method.pfa
+
+
+def test_saved_ablation_config_reloads(tmp_path):
+    from vqseg.config import load_config, save_config
+
+    cfg = vqseg_config(**{"method.ablation": "qpm_pfa"})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").method == cfg.method
 
 
 def test_frozen_running_stats_normalises_with_batch_statistics_but_keeps_running_ones():

@@ -121,7 +121,7 @@ def optimization_step(
     batch: Batch,
     step: int,
     amp: bool,
-    info: DistInfo | None = None,
+    info: DistInfo,
 ) -> StepOutput:
     """One update: the method's loss under autocast, backward, gradient averaging across processes,
     the optimiser step, then the method's own after-step work (e.g. the EMA teacher)."""
@@ -129,8 +129,7 @@ def optimization_step(
         out = method.training_step(batch, step)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
-    if info is not None:
-        average_gradients(params, info)
+    average_gradients(params, info)
     optimizer.step()
     method.after_step(step)
     return out

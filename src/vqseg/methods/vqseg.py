@@ -22,7 +22,7 @@ backbone's dropout is off and the perturbed pass does not update batch-norm runn
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +57,7 @@ ABLATIONS = {
 class VQSegConfig(MethodConfig):
     name: str = "vqseg"
     ablation: str = ""  # one of ABLATIONS: sets perturbation / dual_branch / pfa (a clash is an error)
-    perturbation: str = "qpm"  # qpm | shuffle | dropout | none
+    perturbation: str | None = None  # qpm | shuffle | dropout | none; unset: the preset's, else qpm
     eps: float = 0.7  # QPM strength
     temperature: float = 1.0
     dropout: float = 0.5  # rate of the `dropout` perturbation mode
@@ -67,8 +67,8 @@ class VQSegConfig(MethodConfig):
     cosine: bool = True  # L2-normalised codes and features (prevents collapse on CNN features)
     code_dim: int = 32  # width of the code lookup space (factorized codes); 0 = the feature width
     backbone_dropout: bool = False  # keep the backbone's own dropout layers (see VQSeg.__init__)
-    dual_branch: bool = True
-    pfa: bool = True
+    dual_branch: bool | None = None  # unset: the preset's, else on
+    pfa: bool | None = None  # unset: the preset's, else on unless foundation is none
     foundation: str = "litemedsam"  # litemedsam | dinov2 | none
     foundation_weights: str = ""  # local file (required for dinov2; litemedsam ships its own)
     foundation_input: int = 0  # 0 = the encoder's native input size
@@ -86,23 +86,25 @@ class VQSegConfig(MethodConfig):
     eval_teacher: bool = False  # validate/test with the EMA teacher instead of the student
 
     def __post_init__(self) -> None:
-        if self.ablation:
-            if self.ablation not in ABLATIONS:
-                raise ValueError(f"method.ablation={self.ablation!r}; choose from {sorted(ABLATIONS)}")
-            defaults = {f.name: f.default for f in fields(self)}
-            for key, value in ABLATIONS[self.ablation].items():
-                given = getattr(self, key)
-                if given not in (value, defaults[key]):
-                    # e.g. ablation=all with perturbation=dropout: the preset would silently win
-                    raise ValueError(
-                        f"method.ablation={self.ablation} sets method.{key}={value}, but method.{key}={given} "
-                        "was also given; drop one of the two"
-                    )
+        if self.ablation and self.ablation not in ABLATIONS:
+            raise ValueError(f"method.ablation={self.ablation!r}; choose from {sorted(ABLATIONS)}")
+        if self.pfa is None and not self.ablation and self.foundation == "none":
+            self.pfa = False
+        # Unset switches take the preset's value (no preset: the full method); a set one must agree
+        # with an explicit preset, e.g. ablation=all with perturbation=dropout is refused.
+        for key, value in ABLATIONS[self.ablation or "all"].items():
+            given = getattr(self, key)
+            if given is None:
                 setattr(self, key, value)
+            elif self.ablation and given != value:
+                raise ValueError(
+                    f"method.ablation={self.ablation} sets method.{key}={value}, but method.{key}={given} "
+                    "was also given; drop one of the two"
+                )
         if self.perturbation not in ("qpm", "shuffle", "dropout", "none"):
             raise ValueError(f"method.perturbation={self.perturbation!r}; choose qpm, shuffle, dropout or none")
         if self.pfa and self.foundation == "none":
-            self.pfa = False
+            raise ValueError("method.pfa needs a foundation model but method.foundation=none; set method.pfa=false")
 
 
 class VQSeg(Method):
