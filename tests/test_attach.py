@@ -80,6 +80,25 @@ def test_feature_tap_captures_outputs_and_removes_hooks(net: TinyNet) -> None:
     assert not tap.features
 
 
+def test_on_demand_tap_records_only_the_captured_pass(net: TinyNet) -> None:
+    """The pass inside capture() is the one kept, whatever runs before or after it."""
+    first, chosen, later = torch.randn(3, 2, 3, 16, 24).unbind()
+    tap = FeatureTap(net, ["stem"], on_demand=True)
+    net(first)
+    assert not tap.features
+    with tap.capture():
+        net(chosen)
+    net(later)  # a second pass with gradients, after the chosen one
+    torch.testing.assert_close(tap["stem"], net.stem(chosen))
+    with tap.capture():
+        net(later)
+        with pytest.raises(RuntimeError, match="twice"):
+            net(chosen)
+    with pytest.raises(RuntimeError, match="on_demand"):
+        with FeatureTap(net, ["stem"]).capture():
+            pass
+
+
 def test_feature_tap_accepts_wrapper_prefix(net: TinyNet) -> None:
     wrapped = nn.DataParallel(net)
     tap = FeatureTap(wrapped, ["stem", "module.encoder.2"])

@@ -234,3 +234,44 @@ def test_make_unlabeled_views_without_cutmix():
     assert views.strong.min() >= 0 and views.strong.max() <= 1
     with_mix = make_unlabeled_views(aug, images, cutmix=True)
     assert with_mix.box.flatten(1).any(1).all()
+
+
+class RecordingAugmenter(Augmenter):
+    """Keeps every intensity draw, so a view can be rebuilt from its parts."""
+
+    def __init__(self, cfg: AugConfig) -> None:
+        super().__init__(cfg)
+        self.intensity_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def intensity(self, images: torch.Tensor) -> torch.Tensor:
+        out = super().intensity(images)
+        self.intensity_calls.append((images, out))
+        return out
+
+
+def test_geometric_warps_labels_with_the_images_affine():
+    aug = Augmenter(AugConfig())
+    images = torch.rand(6, 1, 16, 16)
+    labels = random_labels(6, 16, 16)
+    warped, warped_labels, theta = aug.geometric(images, labels)
+    assert torch.equal(warped, Augmenter.warp(images, theta))
+    assert torch.equal(warped_labels, Augmenter.warp_labels(labels, theta))
+    assert not torch.equal(warped_labels, labels)  # a warp that skipped the labels would fail above
+
+
+def test_weak_view_is_geometry_only_and_strong_view_is_its_mixed_intensity_draw():
+    """weak = warp(u); strong = CutMix(box, I(weak)[perm], I(weak)) with I the intensity draw."""
+    aug = RecordingAugmenter(AugConfig(cutmix_prob=1.0))
+    images = torch.rand(4, 1, 16, 16)
+    torch.manual_seed(5)
+    views = make_unlabeled_views(aug, images)
+    torch.manual_seed(5)
+    assert torch.equal(views.weak, aug.geometric(images)[0])
+    assert torch.equal(views.weak, Augmenter.warp(images, views.theta))
+    (source, strong), = aug.intensity_calls
+    assert source is views.weak and not torch.equal(strong, views.weak)
+    assert views.box.flatten(1).any(1).all() and sorted(views.perm.tolist()) == [0, 1, 2, 3]
+    assert torch.equal(views.strong, torch.where(views.box[:, None], strong[views.perm], strong))
+    # The pseudo-labels follow the same box and partner as the image.
+    target = torch.arange(4).view(4, 1, 1).expand(4, 16, 16)
+    assert torch.equal(views.mix(target), torch.where(views.box, views.perm.view(4, 1, 1), target))

@@ -6,16 +6,20 @@ import csv
 import importlib.util
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from conftest import tiny_overrides
+from scipy import stats
 
 from vqseg import benchmark
 from vqseg.benchmark import load_suite, plan_runs, run_status, run_suite
+from vqseg.cli import main
 from vqseg.config import ConfigError, load_config
+from vqseg.data.volumes import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["RV", "Myo", "LV"]
@@ -86,10 +90,21 @@ def test_expansion_names_and_row_overrides(tmp_path: Path) -> None:
 
 def test_shipped_suites_expand() -> None:
     acdc = plan_runs(load_suite(REPO / "benchmarks" / "acdc.yaml"))
-    assert len(acdc) == 5 * 2 * 2 + 2
+    assert len(acdc) == 6 * 2 * 2 + 2
     assert {r.cases for r in acdc if r.row == "supervised_all"} == {70}
-    assert len(plan_runs(load_suite(REPO / "benchmarks" / "acdc_cpu.yaml"))) == 6
+    assert len(plan_runs(load_suite(REPO / "benchmarks" / "acdc_cpu.yaml"))) == 7
     assert len(plan_runs(load_suite(REPO / "benchmarks" / "phantom_smoke.yaml"))) == 2
+
+
+@pytest.mark.parametrize("suite", ["acdc.yaml", "acdc_cpu.yaml"])
+def test_acdc_suite_rows_resolve_to_the_method_they_are_named_after(suite: str) -> None:
+    """Every peer, CPS included, is a row, and a row's overrides build that method's config."""
+    loaded = load_suite(REPO / "benchmarks" / suite)
+    assert list(loaded.rows) == ["supervised", "mean_teacher", "unimatch", "bcp", "cps", "vqseg", "supervised_all"]
+    for run in plan_runs(loaded):
+        cfg = load_config(loaded.config, run.overrides)
+        assert cfg.method.name == run.row.removesuffix("_all")
+        assert (cfg.data.labeled_cases, cfg.seed) == (run.cases, run.seed)
 
 
 @pytest.mark.parametrize("suite", ["vqseg_ablation.yaml", "vqseg_ablation_cpu.yaml"])
@@ -228,14 +243,102 @@ def test_aggregation_numbers_tables_and_plots(tmp_path: Path) -> None:
     cells = [c.strip() for c in sup.strip("|").split("|")]
     assert cells[2] == "2"
     assert cells[3] == f"75.00 ± {np.std([80, 70], ddof=1):.2f}" == "75.00 ± 7.07"
-    assert cells[9] == "2.0 ± 1.4"  # missed 1 and 3
-    assert cells[10:13] == ["75.00 ± 7.07", "65.00 ± 7.07", "85.00 ± 7.07"]
-    assert cells[13] == "2.0 ± 1.4"
+    assert cells[4] == "[11.47, 138.53]"  # 75 ± t(0.975, 1) 7.07 / sqrt(2), t = 12.706
+    assert cells[10] == "2.0 ± 1.4"  # missed 1 and 3
+    assert cells[11:14] == ["75.00 ± 7.07", "65.00 ± 7.07", "85.00 ± 7.07"]
+    assert cells[14] == "2.0 ± 1.4"
     vq = next(line for line in md.splitlines() if line.startswith("| vq | 7 |"))
-    assert "90.00 ± —" in vq and "2.00 ± —" in vq
+    assert "90.00 ± — | — |" in vq and "2.00 ± —" in vq
     assert "3 of 10 planned runs" in md and "selected on validation" in md
     for plot in ("dice_vs_labeled.png", "val_curves.png"):
         assert (out / plot).stat().st_size > 1000
+
+
+def test_t_interval_is_the_t_interval_over_seeds() -> None:
+    # mean 0.8, sample std 0.1, n = 3: 0.8 ± t(0.975, 2) 0.1 / sqrt(3) with t = 4.3027 (not 1.96)
+    assert benchmark.t_interval([0.7, 0.8, 0.9]) == (pytest.approx(0.551586229), pytest.approx(1.048413771))
+    half = 6.313752 * np.std([0.7, 0.9], ddof=1) / np.sqrt(2)  # t(0.95, 1): a 90 % interval, undefined seeds ignored
+    assert benchmark.t_interval([0.7, None, 0.9], level=0.9) == (pytest.approx(0.8 - half), pytest.approx(0.8 + half))
+    assert benchmark.t_interval([0.5]) is None and benchmark.t_interval([None]) is None
+
+
+def write_cases(run_dir: Path, dice: dict[str, list[float]]) -> None:
+    """An eval_test.csv as ``vqseg evaluate`` writes it: one line per case x class, cases in the given order."""
+    lines = ["case,class,dice,jaccard,hd95,asd,missed,units"]
+    for case, per_class in dice.items():
+        lines += [f"{case},{name},{d},{d / 2},1.0,0.5,0,voxels" for name, d in zip(CLASSES, per_class)]
+    (run_dir / "eval_test.csv").write_text("\n".join(lines) + "\n")
+
+
+CASE_NAMES = [f"patient{i:03d}_frame01" for i in range(1, 9)]
+
+
+def test_paired_wilcoxon_on_seed_averaged_case_dice(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = {"sup": ["method.name=supervised"], "vq": ["method.name=vqseg"], "old": ["method.name=bcp"]}
+    path = write_suite(tmp_path, labeled_cases=[3], seeds=[0, 1], runs=rows)
+    out = tmp_path / "out"
+    dice = {(row, seed): {c: list(rng.uniform(0.3, 0.9, 3)) for c in CASE_NAMES} for row in rows for seed in (0, 1)}
+    dice["vq", 1][CASE_NAMES[0]] = [0.99, 0.99, 0.99]
+    del dice["vq", 0][CASE_NAMES[-1]]  # a case one seed did not score
+    for (row, seed), scores in dice.items():
+        make_done(out / row / f"3cases_seed{seed}", [0.5, 0.5, 0.5], [(10, 0.5)])
+        if (row, seed) != ("old", 1):  # an older run: evaluated before per-case scores existed
+            write_cases(out / row / f"3cases_seed{seed}", dict(reversed(scores.items())) if seed else scores)
+    suite = load_suite(path)
+    benchmark.write_results(suite, plan_runs(suite))
+
+    def row_mean(row: str, case: str) -> float:
+        return float(np.mean([np.mean(dice[row, seed][case]) for seed in (0, 1)]))
+
+    paired = CASE_NAMES[:-1]  # the case vq's seed 0 did not score is left out
+    sup, vq = [row_mean("sup", c) for c in paired], [row_mean("vq", c) for c in paired]
+    expected_p = stats.wilcoxon(sup, vq).pvalue
+    tests = list(csv.DictReader((out / "paired_tests.csv").open()))
+    assert [(t["row_a"], t["row_b"]) for t in tests] == [("sup", "vq"), ("sup", "old"), ("vq", "old")]
+    first = tests[0]
+    assert (first["cases"], first["seeds_a"], first["seeds_b"], first["pairs"]) == ("3", "2", "2", str(len(paired)))
+    assert float(first["p_value"]) == pytest.approx(expected_p, rel=1e-12)
+    assert float(first["mean_diff"]) == pytest.approx(np.mean(np.subtract(sup, vq)))
+    assert all(t["p_value"] == t["pairs"] == t["mean_diff"] == "" for t in tests[1:])
+
+    md = (out / "results.md").read_text()
+    line = next(line for line in md.splitlines() if line.startswith("| 3 | sup | vq |"))
+    assert line == f"| 3 | sup | vq | 2 / 2 | 7 | {100 * np.mean(np.subtract(sup, vq)):+.2f} | {expected_p:.3g} |"
+    assert "| 3 | vq | old | 2 / 2 | n/a | n/a | n/a |" in md
+    assert "Wilcoxon signed-rank" in md and "averaged over a row's seeds" in md
+
+
+def test_wilcoxon_p_matches_scipy_with_ties_and_is_one_without_differences() -> None:
+    a = [0.8, 0.7, 0.9, 0.6, 0.75, 0.5]
+    b = [0.7, 0.7, 0.8, 0.65, 0.70, 0.6]  # one zero difference, tied absolute differences
+    assert benchmark.wilcoxon_p(a, b) == pytest.approx(stats.wilcoxon(a, b).pvalue, rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy >= 1.13 warns and returns 1; older versions raise
+        assert benchmark.wilcoxon_p(a, a) == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("case,class\np1,RV\n", "no column.s. dice"), ("case,class,dice\np1,RV,high\n", "line 2: dice 'high'"),
+     ("case,class,dice\np1,RV,nan\n", "line 2: dice 'nan'")],
+)
+def test_bad_case_file_names_the_file(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "eval_test.csv").write_text(text)
+    with pytest.raises(DataError, match=f"eval_test.csv.*{message}"):
+        benchmark.case_dice(tmp_path)
+    assert benchmark.case_dice(tmp_path / "absent") is None
+
+
+def test_bad_case_file_ends_the_benchmark_with_one_line_and_no_tables(tmp_path: Path, capsys) -> None:
+    path = write_suite(tmp_path, labeled_cases=[3], seeds=[0], runs={"sup": ["method.name=supervised"]})
+    run_dir = tmp_path / "out" / "sup" / "3cases_seed0"
+    make_done(run_dir, [0.5, 0.5, 0.5], [(10, 0.5)])
+    (run_dir / "eval_test.csv").write_text("case,class\np1,RV\n")
+    assert main(["benchmark", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vqseg benchmark: error: ") and str(run_dir / "eval_test.csv") in err[0]
+    assert not (tmp_path / "out" / "results.md").exists() and not (tmp_path / "out" / "results.csv").exists()
 
 
 def test_mean_std_uses_sample_std() -> None:
@@ -253,6 +356,9 @@ def test_phantom_smoke_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     assert (tmp_path / "supervised" / "4cases_seed0" / "train.log").read_text().count("$ ") == 2
     assert (tmp_path / "results.md").is_file() and (tmp_path / "val_curves.png").is_file()
+    (test,) = list(csv.DictReader((tmp_path / "paired_tests.csv").open()))  # from evaluate's real eval_test.csv
+    assert (test["row_a"], test["row_b"], test["pairs"]) == ("supervised", "vqseg", "1")  # one test volume
+    assert 0.0 <= float(test["p_value"]) <= 1.0
 
 
 def test_train_speed_worker_takes_real_training_steps() -> None:

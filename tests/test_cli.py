@@ -124,8 +124,10 @@ def test_metrics_prints_per_class_dice(capsys, label_pair):
     pred, gt = label_pair
     assert main(["metrics", "--pred", pred, "--gt", gt]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:] for line in out.strip().splitlines()[1:]}
+    lines = out.strip().splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:4]}
     assert set(rows) == {"1", "2", "mean"}
+    assert lines[4] == "distances in mm, spacing 1 x 1 x 1"  # from the NIfTI header
     assert rows["1"][0] == "0.6667" and rows["2"][0] == "1.0000"
     assert rows["mean"][0] == f"{(2 / 3 + 1) / 2:.4f}"
 
@@ -134,11 +136,12 @@ def test_metrics_json(capsys, label_pair):
     pred, gt = label_pair
     assert main(["metrics", "--pred", pred, "--gt", gt, "--json", "--num-classes", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["classes"]) == {"1", "2", "3"}
+    assert set(result["classes"]) == {"1", "2"} and result["absent"] == [3]  # in neither file: not scored
+    assert result["units"] == "mm" and result["spacing"] == [1.0, 1.0, 1.0]
     assert result["classes"]["1"]["dice"] == pytest.approx(2 / 3)
     assert result["classes"]["1"]["jaccard"] == pytest.approx(0.5)
     assert result["classes"]["2"]["dice"] == 1.0 and result["classes"]["2"]["hd95"] == 0.0
-    assert result["classes"]["3"]["hd95"] is None  # absent from both: no distance, not a perfect 0
+    assert result["mean"]["dice"] == pytest.approx((2 / 3 + 1) / 2)
 
 
 def test_help(capsys):

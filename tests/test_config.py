@@ -291,3 +291,27 @@ def test_round_trip_keeps_nested_dataclasses(tmp_path):
     assert cfg.pdcr.layers == [PDCRLayerConfig("encoder.downs.3", 8, 0.2)]
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").pdcr.layers == [PDCRLayerConfig("encoder.downs.3", 8, 0.2)]
+
+
+def test_check_range_bounds_and_message():
+    from vqseg.config import check_range
+
+    check_range("k", 0.0, 0, 1)  # closed ends include the bound
+    check_range("k", 1.0, 0, 1)
+    for value, kwargs in ((0.0, {"low_open": True}), (1.0, {"high_open": True}), (float("nan"), {}), (float("inf"), {})):
+        with pytest.raises(ConfigError, match=r"^k=.* is out of range"):
+            check_range("k", value, 0, None if value == float("inf") else 1, **kwargs)
+    with pytest.raises(ConfigError, match=r"must lie in \(0, 1\)"):
+        check_range("k", 2.0, 0, 1, low_open=True, high_open=True)
+
+
+def test_resume_conflicts_ignore_only_result_neutral_keys():
+    from vqseg.config import resume_conflicts, to_dict
+
+    saved = to_dict(load_config())
+    free = ["train.num_threads=3", "train.device=cpu", "train.log_every=7", "eval.batch_size=5", "output_dir=elsewhere"]
+    assert resume_conflicts(saved, load_config(None, free)) == []
+    assert resume_conflicts(saved, load_config(None, ["seed=3", "train.val_every=10"])) == ["seed", "train.val_every"]
+    # another method: its own keys count as changes too, not only the name
+    other_method = resume_conflicts(saved, load_config(None, ["method.name=cps"]))
+    assert other_method == ["method.consistency", "method.consistency_rampup", "method.name"]

@@ -1,20 +1,20 @@
-"""Training engine: sampler, EMA, atomic checkpoints, the run folder and exact resumption."""
+"""Training engine: sampler, atomic checkpoints, the run folder and exact resumption."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
-from torch import nn
 
 from vqseg.config import load_config, to_dict
-from vqseg.engine.checkpoint import load_checkpoint, save_atomic
-from vqseg.engine.ema import ema_update, make_teacher
+from vqseg.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from vqseg.engine.run_dir import RunFolderError
 from vqseg.engine.sampler import InfiniteSampler
-from vqseg.engine.trainer import MetricsLog, train
+from vqseg.engine.trainer import MetricsLog, NonFiniteLossError, train
 from vqseg.methods.base import StepOutput, Supervised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,52 +87,6 @@ def test_sampler_rejects_empty_set():
 
 
 # ---------------------------------------------------------------------------------------------
-# EMA
-# ---------------------------------------------------------------------------------------------
-
-
-def _net(value: float) -> nn.Module:
-    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.fill_(value)
-        net[1].running_mean.fill_(value)
-    return net
-
-
-def test_ema_update_math():
-    student = _net(1.0)
-    teacher = make_teacher(student)
-    assert all(not p.requires_grad for p in teacher.parameters())
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.fill_(3.0)
-    ema_update(teacher, student, decay=0.99, step=9)  # warm-up: alpha = min(1 - 1/10, 0.99) = 0.9
-    for p in teacher.parameters():
-        torch.testing.assert_close(p, torch.full_like(p, 0.9 * 3.0 + 0.1 * 1.0))
-    ema_update(teacher, student, decay=0.5, step=1000)  # alpha = decay
-    for p in teacher.parameters():
-        torch.testing.assert_close(p, torch.full_like(p, 0.5 * 2.8 + 0.5 * 1.0))
-    ema_update(teacher, student, decay=0.99, step=0)  # alpha = 0: copy the student
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        assert torch.equal(t, s)
-
-
-def test_ema_averages_float_buffers_copies_counters_and_teacher_is_independent():
-    student = _net(1.0)
-    teacher = make_teacher(student)
-    with torch.no_grad():
-        student[1].running_mean.fill_(5.0)
-        student[1].num_batches_tracked.fill_(7)
-        student[0].weight.fill_(-1.0)
-    assert teacher[0].weight[0, 0] == 1.0  # a deep copy, not a view
-    ema_update(teacher, student, decay=0.99, step=100)
-    torch.testing.assert_close(teacher[1].running_mean, torch.full((2,), 0.99 * 1.0 + 0.01 * 5.0))
-    assert teacher[1].num_batches_tracked == 7
-    assert student[0].weight.requires_grad  # the student is untouched
-
-
-# ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
@@ -144,6 +98,15 @@ def test_save_atomic_leaves_no_tmp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     state = load_checkpoint(path)
     assert state["step"] == 2 and torch.equal(state["w"], torch.zeros(3))
+
+
+def test_temporary_checkpoint_name_is_unique_to_the_process(tmp_path, monkeypatch):
+    """Two processes saving into one folder must never write (and rename) the same tmp file."""
+    written = []
+    original = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (written.append(Path(f).name), original(obj, f)))
+    save_atomic({"step": 1}, tmp_path / "last.pt")
+    assert written == [f"last.pt.{os.getpid()}.tmp"]
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -170,7 +133,7 @@ def test_load_corrupt_checkpoint_names_the_path(tmp_path):
 
 
 def test_load_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
 
 
@@ -233,7 +196,7 @@ def test_run_folder_contents(phantom_run: Path):
 
 
 def test_training_changes_the_weights(phantom_run: Path, tmp_path):
-    cfg = tiny_config(**{"output_dir": str(tmp_path / "r"), "train.iterations": 1, "train.lr": 0.0})
+    cfg = tiny_config(**{"output_dir": str(tmp_path / "r"), "train.iterations": 1, "train.lr": 1e-9})
     train(cfg)
     untrained = load_checkpoint(tmp_path / "r" / "last.pt")["predictor"]
     trained = load_checkpoint(phantom_run / "last.pt")["predictor"]
@@ -317,7 +280,7 @@ def test_resume_is_exact_semi_supervised(tmp_path, monkeypatch):
 
 def test_resume_without_checkpoint_errors(tmp_path):
     cfg = tiny_config(output_dir=str(tmp_path / "fresh"))
-    with pytest.raises(FileNotFoundError, match="last.pt"):
+    with pytest.raises(RunFolderError, match="last.pt"):
         train(cfg, resume=True)
     assert not (tmp_path / "fresh").exists()
 
@@ -330,7 +293,7 @@ def test_non_finite_loss_stops_training(tmp_path, monkeypatch):
         return StepOutput(out.loss * float("nan"), out.logs) if step == 1 else out
 
     monkeypatch.setattr(Supervised, "training_step", nan_at_step_2)
-    with pytest.raises(FloatingPointError, match="step 2"):
+    with pytest.raises(NonFiniteLossError, match="step 2"):
         train(tiny_config(output_dir=str(tmp_path / "nan")))
 
 

@@ -227,3 +227,37 @@ def test_config_disagreeing_with_dataset_is_rejected_or_evaluable(tmp_path):
     except (ConfigError, DataError):
         return  # rejected at start: fine
     evaluate_run(run, "test", device="cpu")  # otherwise evaluation must rebuild the trained network
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-case CSV contract (read by the benchmark statistics)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_per_case_csv_contract(phantom_run: Path, monkeypatch):
+    """Header then exactly these columns; one row per case x foreground class; undefined distances empty."""
+    import csv
+
+    def fake_predict(model, volumes, size, batch_size, device, amp=False):
+        preds = [v.label.copy() for v in volumes]
+        preds[1][preds[1] == 3] = 0  # LV missed in the second case
+        return preds
+
+    monkeypatch.setattr(evaluate_module, "predict_volumes", fake_predict)
+    evaluate_run(phantom_run, "test", device="cpu")
+    lines = (phantom_run / "eval_test.csv").read_text().splitlines()
+    assert lines[0] == "case,class,dice,jaccard,hd95,asd,missed,units"
+    rows = list(csv.DictReader(lines))
+    names = [v.name for v in load_phantom_split(tiny_config(), "test")]
+    assert [(r["case"], r["class"]) for r in rows] == [(n, c) for n in names for c in ("RV", "Myo", "LV")]
+    assert {r["units"] for r in rows} == {"voxels"}
+    missed = rows[5]
+    assert missed["missed"] == "1" and missed["dice"] == "0.0" and missed["hd95"] == "" and missed["asd"] == ""
+    assert all(r["missed"] == "0" and float(r["dice"]) == 1.0 and float(r["hd95"]) == 0.0 for r in rows[:5])
+
+
+def test_spacing_option_gives_mm(phantom_run: Path):
+    summary = evaluate_run(phantom_run, "test", device="cpu", spacing=[5.0, 1.5, 1.5])
+    assert summary["units"] == "mm"
+    assert "distances in mm" in (phantom_run / "eval_test.md").read_text()
+    assert (phantom_run / "eval_test.csv").read_text().splitlines()[1].endswith(",mm")

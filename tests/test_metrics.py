@@ -356,14 +356,16 @@ def test_compare_volumes(tmp_path):
     assert out["classes"]["2"]["hd95"] is None and out["classes"]["3"]["asd"] is None
     assert out["mean"]["hd95"] == pytest.approx(c1["hd95"])
     assert out["mean"]["dice"] == pytest.approx(c1["dice"] / 3)
-    with pytest.raises(ValueError, match="num_classes=3"):  # labels 3 present: refuse, don't drop them
+    assert out["units"] == "mm" and out["spacing"] == [10.0, 1.5, 1.5]
+    with pytest.raises(ValueError, match="pred.nii.gz: not a label map for --num-classes 3"):  # label 3 present
         compare_volumes(tmp_path / "pred.nii.gz", tmp_path / "gt.h5", num_classes=3)
 
     text = format_compare(out)
     lines = text.splitlines()
     assert lines[0].split() == ["class", "Dice", "Jaccard", "HD95", "ASD"]
     assert lines[2].split() == ["2", "0.0000", "0.0000", "n/a", "n/a"]
-    assert lines[-1].split()[0] == "mean"
+    assert lines[4].split()[0] == "mean"
+    assert lines[5] == "distances in mm, spacing 10 x 1.5 x 1.5"
 
 
 def test_compare_volumes_shape_mismatch_names_both_files(tmp_path):

@@ -4,29 +4,34 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from vqseg.modules.qpm import QPM, perturb_indices, shuffle_indices
+from vqseg.modules.qpm import QPM, jump_stats, neighbour_ranks, perturb_indices, shuffle_indices
 
 # six codes whose squared distances to code 0 are 0.25, 1, 2.25, 1.0625, 4: a non-trivial jump law
 CODES = torch.tensor([[0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [0.0, 1.5], [0.25, 1.0], [2.0, 0.0]])
 
 
 def expected_law(codebook: torch.Tensor, source: int, eps: float, temperature: float) -> torch.Tensor:
+    """p(j|i) ~ exp(-d_ij / (s_i T)), s_i the source's nearest-neighbour squared distance, j != i."""
     sq_dist = (codebook.double() - codebook[source].double()).pow(2).sum(dim=1)
-    weights = torch.exp(-sq_dist / temperature)
-    weights[source] = 0.0
+    sq_dist[source] = float("inf")
+    weights = torch.exp(-sq_dist / (sq_dist.min() * temperature))
     law = eps * weights / weights.sum()
     law[source] = 1.0 - eps
     return law
 
 
-def transition_counts(source: int, eps: float, temperature: float, draws: int = 200_000, seed: int = 0):
+def transition_counts(
+    source: int, eps: float, temperature: float, draws: int = 200_000, seed: int = 0, codebook: torch.Tensor = CODES
+) -> torch.Tensor:
     indices = torch.full((draws,), source)
     gen = torch.Generator().manual_seed(seed)
-    out = perturb_indices(indices, CODES, eps, temperature, generator=gen, chunk_size=8192)
-    return torch.bincount(out, minlength=len(CODES)).double()
+    out = perturb_indices(indices, codebook, eps, temperature, generator=gen, chunk_size=8192)
+    return torch.bincount(out, minlength=len(codebook)).double()
 
 
-@pytest.mark.parametrize("source,eps,temperature", [(0, 0.7, 1.0), (5, 0.3, 1.0), (0, 1.0, 0.3), (0, 1.0, 3.0)])
+@pytest.mark.parametrize(
+    "source,eps,temperature", [(0, 0.7, 1.0), (5, 0.3, 1.0), (0, 1.0, 0.3), (0, 1.0, 3.0), (3, 1.0, 0.2)]
+)
 def test_transition_frequencies_match_law(source: int, eps: float, temperature: float) -> None:
     counts = transition_counts(source, eps, temperature)
     expected = expected_law(CODES, source, eps, temperature) * counts.sum()
@@ -48,29 +53,72 @@ def test_temperature_sharpens_and_flattens() -> None:
     assert not torch.allclose(expected_law(CODES, 0, 1.0, 0.3), expected_law(CODES, 0, 1.0, 3.0))
 
 
-def test_far_apart_codes_are_numerically_safe() -> None:
-    # distances ~1e4 / T underflow exp() without the max shift; the jump must then be the nearest code
+def test_law_is_invariant_to_the_code_scale() -> None:
+    # the nearest-neighbour scaling makes T mean the same for codes 1e-3 or 1e3 times as far apart
+    for scale in (1e-3, 1e3):
+        torch.testing.assert_close(expected_law(CODES * scale, 0, 1.0, 0.3), expected_law(CODES, 0, 1.0, 0.3))
+        counts = transition_counts(0, 1.0, 0.3, draws=50_000, codebook=CODES * scale)
+        assert chisquare(counts[1:].numpy(), (expected_law(CODES, 0, 1.0, 0.3)[1:] * 50_000).numpy()).pvalue > 1e-3
+
+
+def test_cold_law_is_numerically_safe_and_picks_the_nearest() -> None:
+    # d / (s T) ~ 1e3 underflows exp() without the max shift; the jump must then be the nearest code
     codebook = CODES * 100
     sq_dist = torch.cdist(codebook, codebook).pow(2).fill_diagonal_(float("inf"))
     two_nearest = sq_dist.topk(2, dim=1, largest=False)
-    unique_nearest = torch.arange(len(CODES))[two_nearest.values[:, 1] - two_nearest.values[:, 0] > 100]
+    unique_nearest = torch.arange(len(CODES))[two_nearest.values[:, 1] > 1.05 * two_nearest.values[:, 0]]
     assert len(unique_nearest) >= 4
     indices = unique_nearest.repeat(100)
-    out = perturb_indices(indices, codebook, eps=1.0, generator=torch.Generator().manual_seed(0))
+    out = perturb_indices(indices, codebook, eps=1.0, temperature=1e-3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, two_nearest.indices[indices, 0])
 
 
-def test_eps_zero_is_identity_and_eps_one_never_keeps() -> None:
-    codebook = torch.randn(64, 8)
-    indices = torch.randint(64, (50, 40))
-    assert torch.equal(perturb_indices(indices, codebook, eps=0.0), indices)
-    assert (perturb_indices(indices, codebook, eps=1.0) != indices).all()
+def test_duplicate_codes_jump_to_their_twin_without_nans() -> None:
+    codebook = torch.cat([CODES, CODES[2:3]])  # code 6 duplicates code 2: nearest-neighbour distance 0
+    out = perturb_indices(torch.tensor([2, 6] * 50), codebook, eps=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, torch.tensor([6, 2] * 50))
 
 
-def test_last_code_is_never_its_own_jump() -> None:
-    indices = torch.full((20_000,), len(CODES) - 1)
-    out = perturb_indices(indices, CODES, eps=1.0, temperature=0.1, generator=torch.Generator().manual_seed(1))
-    assert (out != indices).all()
+def test_neighbour_ranks_on_a_hand_computed_example() -> None:
+    # from code 0: code 1 at 0.25, code 2 at 1, code 4 at 1.0625, code 3 at 2.25, code 5 at 4
+    ranks = neighbour_ranks(torch.zeros(5, dtype=torch.long), torch.tensor([1, 2, 3, 4, 5]), CODES)
+    assert ranks.tolist() == [1, 2, 4, 3, 5]
+    assert neighbour_ranks(torch.tensor([5]), torch.tensor([2]), CODES).tolist() == [1]
+
+
+def random_unit_codebook(size: int = 2001, dim: int = 16) -> torch.Tensor:
+    codes = torch.randn(size, dim, generator=torch.Generator().manual_seed(0))
+    return torch.nn.functional.normalize(codes, dim=1)
+
+
+def sampled_jump_stats(temperature: float, eps: float = 1.0) -> dict[str, float]:
+    codebook = random_unit_codebook()
+    source = torch.randint(len(codebook), (4000,), generator=torch.Generator().manual_seed(1))
+    out = perturb_indices(source, codebook, eps, temperature, generator=torch.Generator().manual_seed(2))
+    return jump_stats(source, out, codebook, max_tokens=4000)
+
+
+def test_low_temperature_lands_near() -> None:
+    stats = sampled_jump_stats(0.05)
+    assert stats["moved"] == 1.0
+    assert stats["near_share"] > 0.9 and stats["rank_median"] <= 3
+
+
+def test_high_temperature_tends_to_a_uniform_swap() -> None:
+    stats = sampled_jump_stats(100.0)
+    # 1 % nearest = 20 of 2000 codes; a uniform swap lands there 1 % of the time (+- 0.16 % s.d.)
+    assert 0.005 < stats["near_share"] < 0.016
+    assert 850 < stats["rank_median"] < 1150
+
+
+def test_jump_stats_ranks_only_the_moved_tokens() -> None:
+    codebook = random_unit_codebook()
+    source = torch.arange(100)
+    nearest = torch.cdist(codebook[:30], codebook).fill_diagonal_(float("inf")).argmin(dim=1)
+    moved = torch.cat([nearest, source[30:]])  # 30 tokens jump to their nearest code, 70 stay
+    stats = jump_stats(source, moved, codebook, max_tokens=7)
+    assert stats == {"moved": pytest.approx(0.3), "near_share": 1.0, "rank_mean": 1.0, "rank_median": 1.0}
+    assert jump_stats(source, source, codebook) == {"moved": 0.0}
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (2, 3, 4), (3, 0, 2), (2, 5, 5, 2)])

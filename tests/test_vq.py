@@ -60,6 +60,8 @@ def test_perturb_hook_changes_quantized_only() -> None:
     clean = vq(z)
     shifted = vq(z, perturb=lambda indices, codebook: (indices + 1) % codebook.shape[0])
     assert torch.equal(shifted.indices, clean.indices)
+    assert torch.equal(clean.used_indices, clean.indices)
+    assert torch.equal(shifted.used_indices, (clean.indices + 1) % vq.codebook_size)
     torch.testing.assert_close(shifted.loss, clean.loss)
     codes = vq.codebook.detach()[(clean.indices + 1) % vq.codebook_size].permute(0, 3, 1, 2)
     torch.testing.assert_close(shifted.quantized, codes)

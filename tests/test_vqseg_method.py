@@ -1,7 +1,12 @@
 """VQ-Seg as a method: every ablation switch changes what it claims, perturbation modes act on
-the student's unlabelled pass only, and the EMA teacher is what validation uses."""
+the student's unlabelled pass only, each line of the training recipe is pinned (which view each
+network sees, which targets each loss gets, which pass updates batch-norm statistics), and
+validation uses the student unless ``eval_teacher`` asks for the EMA teacher."""
 
 from __future__ import annotations
+
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,9 +119,16 @@ def test_teacher_is_an_ema_of_the_student_and_predicts(data, monkeypatch, tmp_pa
         for p in method.student.parameters():
             if p.grad is not None:
                 p -= 0.1 * p.grad
+    after_training_step = [p.detach().clone() for p in method.teacher.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after_training_step))  # only after_step moves it
+    key = "base.encoder.stem.1.running_mean"  # batch-norm statistics are averaged too
+    stats_before = dict(method.teacher.named_buffers())[key].clone()
     method.after_step(10)
     for old, new, s in zip(before, method.teacher.parameters(), method.student.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * s.detach())
+    student_stats = dict(method.student.named_buffers())[key]
+    assert not torch.equal(student_stats, stats_before)
+    torch.testing.assert_close(dict(method.teacher.named_buffers())[key], 0.9 * stats_before + 0.1 * student_stats)
 
 
 def test_foundation_features_are_computed_once_and_cached(data, monkeypatch, tmp_path):
@@ -171,3 +183,290 @@ def test_frozen_running_stats_normalises_with_batch_statistics_but_keeps_running
     torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     bn(x)
     assert not torch.equal(bn.running_mean, torch.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------
+# The unlabelled loss (issue 13, item 2) and QPM monitoring (item 1)
+# --------------------------------------------------------------------------------------------
+
+# three pixels, two classes: pixel 0 predicts class 1 with p = 3/4 (target 1), pixel 1 is 50/50
+# (target 0), pixel 2 is unconfident (ignored, whatever it predicts)
+U_LOGITS = torch.tensor([[0.0, 0.0, 5.0], [math.log(3.0), 0.0, -5.0]]).view(1, 2, 1, 3)
+U_TARGET = torch.tensor([[[1, 0, 1]]])
+U_IGNORE = torch.tensor([[[False, False, True]]])
+U_CE_SUM = math.log(4 / 3) + math.log(2)
+# soft Dice over the two kept pixels: class 0 probs (1/4, 1/2) vs (0, 1), class 1 (3/4, 1/2) vs (1, 0)
+U_DICE = 1 - 0.5 * ((1 + 1e-5) / (21 / 16 + 1e-5) + (1.5 + 1e-5) / (29 / 16 + 1e-5))
+
+
+@pytest.mark.parametrize(
+    "loss, normalise, expected",
+    [("ce", "valid", U_CE_SUM / 3), ("ce", "confident", U_CE_SUM / 2),
+     ("ce_dice", "valid", 0.5 * (U_CE_SUM / 3 + U_DICE)), ("ce_dice", "confident", 0.5 * (U_CE_SUM / 2 + U_DICE))],
+)
+def test_unlabeled_loss_normalisation_by_hand(loss, normalise, expected):
+    from vqseg.methods.base import unlabeled_loss
+
+    got = unlabeled_loss(U_LOGITS, U_TARGET, 2, U_IGNORE, loss, normalise)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_unlabeled_loss_defaults_follow_the_released_code():
+    method = vqseg_config().method
+    assert (method.u_loss, method.u_normalise) == ("ce", "valid")
+    # the defaults that did not collapse (issue 13 item 3), not the paper's lambda_align 5 / no ramp-up
+    assert (method.lambda_align, method.u_rampup) == (1.0, 0.2)
+    with pytest.raises(ConfigError, match="method.u_loss"):
+        vqseg_config(**{"method.u_loss": "dice"})
+    with pytest.raises(ConfigError, match="method.u_normalise"):
+        vqseg_config(**{"method.u_normalise": "all"})
+
+
+@pytest.mark.parametrize(
+    "key, bad",
+    [("eps", 1.5), ("eps", -0.1), ("temperature", 0.0), ("dropout", 1.0), ("codebook_size", 1), ("beta", -1.0),
+     ("code_dim", -1), ("foundation_input", -2), ("pfa_tau", 0.0), ("pfa_samples", 0), ("ema_decay", 1.1),
+     ("threshold", 2.0), ("lambda_u", -1.0), ("u_rampup", 1.5), ("lambda_rec", -0.5), ("lambda_align", -1.0),
+     ("lambda_vq", -1.0), ("vq_levels", [])],
+)
+def test_out_of_range_settings_are_refused(key, bad):
+    with pytest.raises(ConfigError, match=f"method.{key}"):
+        vqseg_config(**{f"method.{key}": bad})
+
+
+def test_jump_statistics_are_logged_at_logging_steps(data, monkeypatch, tmp_path, one_thread):
+    torch.manual_seed(0)
+    method = build(data, monkeypatch, tmp_path, **{"method.pfa": False, "train.log_every": 2})
+    assert not any("jump" in key for key in method.training_step(batch(data), 0).logs)
+    logs = method.training_step(batch(data), 1).logs
+    assert 0 < logs["vq4_fraction_used"] <= 1 and logs["vq4_perplexity"] >= 1
+    assert 0 < logs["vq4_jump_moved"] <= 1 and 0 <= logs["vq4_jump_near_share"] <= 1
+    assert logs["vq4_jump_rank_median"] >= 1
+    base = build(data, monkeypatch, tmp_path, **{"method.ablation": "base", "train.log_every": 1})
+    assert not any("jump" in key for key in base.training_step(batch(data), 0).logs)
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe, line by line (issue 13, item 8): spies record what each network sees and each
+# loss gets during one training step, and the test recomputes every term from the recording.
+# --------------------------------------------------------------------------------------------
+
+
+class StepRecorder:
+    """Spies on one VQ-Seg training step: the labelled augmentation, the unlabelled views, every
+    student pass (inputs, switches, whether it moved the batch-norm running statistics, output),
+    the teacher's inputs and outputs, and the PFA loss's arguments."""
+
+    def __init__(self, method, monkeypatch) -> None:
+        import vqseg.methods.vqseg as vqseg_module
+        import vqseg.modules.pfa as pfa
+
+        self.labeled, self.views, self.runs, self.teacher, self.align = [], [], [], [], []
+        geometric, run, make_views, infonce = method.augment.geometric, method.student.run, None, pfa.patch_infonce
+        make_views = vqseg_module.make_unlabeled_views
+        stats = [b for name, b in method.student.named_buffers() if name.endswith(("running_mean", "running_var"))]
+
+        def spy_geometric(images, labels=None):
+            out = geometric(images, labels)
+            if labels is not None:
+                self.labeled.append((images, labels, *out))
+            return out
+
+        def spy_views(*args, **kwargs):
+            self.views.append(make_views(*args, **kwargs))
+            return self.views[-1]
+
+        def spy_run(x, perturb=None, dropout=0.0, reconstruct=False):
+            before = [b.clone() for b in stats]
+            out = run(x, perturb=perturb, dropout=dropout, reconstruct=reconstruct)
+            moved = any(not torch.equal(a, b) for a, b in zip(before, stats))
+            self.runs.append(SimpleNamespace(x=x, perturb=perturb, dropout=dropout, reconstruct=reconstruct,
+                                             moved_stats=moved, out=out))
+            return out
+
+        def spy_infonce(student, teacher, *args, **kwargs):
+            loss = infonce(student, teacher, *args, **kwargs)
+            self.align.append((student, teacher, args, kwargs, loss))
+            return loss
+
+        monkeypatch.setattr(method.augment, "geometric", spy_geometric)
+        monkeypatch.setattr(vqseg_module, "make_unlabeled_views", spy_views)
+        monkeypatch.setattr(method.student, "run", spy_run)
+        monkeypatch.setattr(pfa, "patch_infonce", spy_infonce)
+        method.teacher.register_forward_hook(lambda module, inputs, output: self.teacher.append((inputs[0], output)))
+
+
+RECIPE = {"method.threshold": 0.6, "method.lambda_u": 0.7, "method.u_rampup": 0.5, "method.lambda_rec": 0.3,
+          "method.lambda_align": 0.4, "method.lambda_vq": 0.6, "method.pfa_tau": 0.2, "method.pfa_samples": 5,
+          "aug.cutmix_prob": 1.0}
+
+
+def intensity_teacher(module, inputs, output):
+    """Make the (untrained, near-constant) teacher's argmax follow the intensity of its input, with
+    low confidence between the bands, so that CutMix and the threshold both change the targets."""
+    centres = torch.tensor([0.2, 0.4, 0.6, 0.8]).view(1, 4, 1, 1)
+    return output + (-30 * (inputs[0] - centres) ** 2)
+
+
+@pytest.fixture
+def recipe_data() -> SegmentationData:
+    """Unlabelled slices from other phantoms than the labelled ones, so their caches differ."""
+    cases = make_cases(0, 2, "t")
+    unlabeled = stack_slices(make_cases(1, 2, "u"), 32, keep_labels=False)
+    return SegmentationData(stack_slices(cases, 32, keep_labels=True), unlabeled, cases, 4, ["RV", "Myo", "LV"], 1)
+
+
+def recorded_step(data, monkeypatch, tmp_path, step=1, **overrides):
+    torch.manual_seed(0)
+    method = build(data, monkeypatch, tmp_path, **{**RECIPE, **overrides})
+    method.teacher.register_forward_hook(intensity_teacher)
+    rec = StepRecorder(method, monkeypatch)
+    b = batch(data)
+    out = method.training_step(b, step)
+    return method, rec, b, out
+
+
+def close(a, b) -> bool:
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=1e-6)
+
+
+def test_recipe_each_network_sees_its_view(recipe_data, monkeypatch, tmp_path, one_thread):
+    method, rec, b, out = recorded_step(recipe_data, monkeypatch, tmp_path)
+    (images, labels, x_l, y_l, theta_l), = rec.labeled
+    assert torch.equal(images, b.labeled) and torch.equal(labels, b.labels)
+    views, = rec.views
+    # the teacher labels the weak view, once, without gradients
+    (teacher_in, teacher_out), = rec.teacher
+    assert torch.equal(teacher_in, views.weak) and not teacher_out.requires_grad
+    assert not torch.equal(views.weak, views.strong)
+    clean, perturbed = rec.runs
+    # the clean pass: labelled slices then weak views, unperturbed, reconstructing, updating batch-norm statistics
+    assert torch.equal(clean.x, torch.cat([x_l, views.weak]))
+    assert (clean.perturb, clean.dropout, clean.reconstruct, clean.moved_stats) == (None, 0.0, True, True)
+    # the perturbed pass: the strong view through QPM, without touching the running statistics
+    assert torch.equal(perturbed.x, views.strong)
+    assert perturbed.perturb is method.perturb and method.perturb.mode == "jump"
+    assert (perturbed.dropout, perturbed.reconstruct, perturbed.moved_stats) == (0.0, False, False)
+    assert not torch.equal(perturbed.out.codes["4"].used_indices, perturbed.out.codes["4"].indices)
+    assert torch.equal(clean.out.codes["4"].used_indices, clean.out.codes["4"].indices)
+    assert torch.equal(out.logs["perplexity"], clean.out.perplexity)  # code usage is the clean pass's
+
+
+def test_recipe_each_loss_gets_its_targets_and_weight(recipe_data, monkeypatch, tmp_path, one_thread):
+    from vqseg.data.augment import Augmenter
+    from vqseg.methods.base import confident_labels, seg_loss, sigmoid_rampup, unlabeled_loss
+
+    step = 1
+    method, rec, b, out = recorded_step(recipe_data, monkeypatch, tmp_path, step)
+    (_, _, x_l, y_l, theta_l), = rec.labeled
+    views, = rec.views
+    (_, teacher_out), = rec.teacher
+    clean, perturbed = rec.runs
+    n_l = x_l.shape[0]
+
+    # pseudo-labels: the teacher's confident argmax on the weak view, CutMixed like the image
+    raw_pseudo, raw_ignore = confident_labels(teacher_out, 0.6)
+    pseudo, ignore = views.mix(raw_pseudo), views.mix(raw_ignore)
+    assert not torch.equal(pseudo, raw_pseudo)  # the mixing matters in this draw
+    assert 0 < ignore.float().mean() < 1  # and so does the threshold
+    assert close(out.logs["pseudo_kept"], (~ignore).float().mean())
+    assert close(out.logs["loss_u"], unlabeled_loss(perturbed.out.logits, pseudo, 4, ignore, "ce", "valid"))
+    assert close(out.logs["loss_sup"], seg_loss(clean.out.logits[:n_l], y_l, 4))
+    assert close(out.logs["loss_vq"], 0.5 * (clean.out.vq_loss + perturbed.out.vq_loss))
+    assert close(out.logs["loss_rec"], nn.functional.l1_loss(clean.out.recon, clean.x))
+
+    # PFA: the adapter on the clean post-VQ map against the cached features warped like each view;
+    # each cache holds its own slices' features
+    from vqseg.modules.foundation import cached_features
+
+    for which, images in (("labeled", recipe_data.labeled.images), ("unlabeled", recipe_data.unlabeled.images)):
+        assert torch.equal(method._cache[which], cached_features(FakeFoundation(), images, tmp_path, progress=False))
+    (features, target, args, kwargs, loss_align), = rec.align
+    torch.testing.assert_close(features, method.adapter(clean.out.post_vq))
+    expected_target = torch.cat([
+        Augmenter.warp(method._cache["labeled"][b.labeled_index].float(), theta_l),
+        Augmenter.warp(method._cache["unlabeled"][b.unlabeled_index].float(), views.theta),
+    ])
+    torch.testing.assert_close(target, expected_target)
+    assert list(args) + list(kwargs.values()) == [0.2, 5]
+    assert close(out.logs["loss_align"], loss_align)
+
+    ramp = sigmoid_rampup(step / method.cfg.train.iterations, 0.5)
+    assert 0.05 < ramp < 0.95
+    total = (out.logs["loss_sup"] + 0.7 * ramp * out.logs["loss_u"] + 0.6 * out.logs["loss_vq"]
+             + 0.3 * out.logs["loss_rec"] + 0.4 * out.logs["loss_align"])
+    assert close(out.loss, total)
+
+
+@pytest.mark.parametrize("u_loss, u_normalise", [("ce_dice", "valid"), ("ce", "confident")])
+def test_recipe_unlabeled_loss_switches(recipe_data, monkeypatch, tmp_path, one_thread, u_loss, u_normalise):
+    from vqseg.methods.base import confident_labels, unlabeled_loss
+
+    _, rec, _, out = recorded_step(recipe_data, monkeypatch, tmp_path, **{"method.u_loss": u_loss,
+                                                                     "method.u_normalise": u_normalise})
+    views, = rec.views
+    (_, teacher_out), = rec.teacher
+    pseudo, ignore = (views.mix(t) for t in confident_labels(teacher_out, 0.6))
+    assert close(out.logs["loss_u"], unlabeled_loss(rec.runs[1].out.logits, pseudo, 4, ignore, u_loss, u_normalise))
+
+
+@pytest.mark.parametrize("mode", ["dropout", "shuffle", "none"])
+def test_recipe_perturbation_modes(recipe_data, monkeypatch, tmp_path, one_thread, mode):
+    overrides = {"method.perturbation": mode, "method.dropout": 0.4}
+    method, rec, _, _ = recorded_step(recipe_data, monkeypatch, tmp_path, **overrides)
+    clean, perturbed = rec.runs
+    assert (clean.perturb, clean.dropout) == (None, 0.0)
+    if mode == "dropout":  # dropout replaces QPM: no code jumps
+        assert (perturbed.perturb, perturbed.dropout, method.perturb) == (None, 0.4, None)
+    elif mode == "shuffle":
+        assert perturbed.perturb is method.perturb and method.perturb.mode == "shuffle" and perturbed.dropout == 0.0
+    else:
+        assert (perturbed.perturb, perturbed.dropout, method.perturb) == (None, 0.0, None)
+    assert not perturbed.moved_stats and clean.moved_stats
+
+
+def test_recipe_qpm_takes_its_settings(recipe_data, monkeypatch, tmp_path):
+    overrides = {"method.eps": 0.3, "method.temperature": 0.05, "method.pfa": False}
+    method = build(recipe_data, monkeypatch, tmp_path, **overrides)
+    assert (method.perturb.eps, method.perturb.temperature, method.perturb.mode) == (0.3, 0.05, "jump")
+
+
+@pytest.mark.parametrize("ablation, reconstructs, aligns", [("qpm", False, False), ("qpm_db", True, False),
+                                                             ("qpm_pfa", False, True)])
+def test_recipe_clean_pass_takes_the_weak_views_when_a_branch_needs_them(
+    recipe_data, monkeypatch, tmp_path, one_thread, ablation, reconstructs, aligns
+):
+    _, rec, _, out = recorded_step(recipe_data, monkeypatch, tmp_path, **{"method.ablation": ablation})
+    (_, _, x_l, _, _), = rec.labeled
+    views, = rec.views
+    clean, perturbed = rec.runs
+    expected = torch.cat([x_l, views.weak]) if reconstructs or aligns else x_l
+    assert torch.equal(clean.x, expected) and clean.reconstruct == reconstructs
+    assert ("loss_rec" in out.logs) == reconstructs and (len(rec.align) == 1) == aligns
+    assert perturbed.perturb is not None and not perturbed.reconstruct
+
+
+def test_recipe_backbone_dropout_is_off_unless_asked(recipe_data, monkeypatch, tmp_path):
+    def rates(method):
+        return [m.p for m in method.student.modules() if isinstance(m, nn.Dropout)]
+
+    off = build(recipe_data, monkeypatch, tmp_path, **{"method.pfa": False})
+    on = build(recipe_data, monkeypatch, tmp_path, **{"method.pfa": False, "method.backbone_dropout": True})
+    assert rates(off) and all(p == 0.0 for p in rates(off))
+    assert any(p > 0 for p in rates(on))
+
+
+def test_recipe_cutmix_switch(recipe_data, monkeypatch, tmp_path, one_thread):
+    _, rec, _, _ = recorded_step(recipe_data, monkeypatch, tmp_path, **{"method.cutmix": False})
+    views, = rec.views
+    assert not views.box.any()
+    _, rec, _, _ = recorded_step(recipe_data, monkeypatch, tmp_path)
+    assert rec.views[0].box.any()
+
+
+def test_vq_level_outside_the_backbone_is_refused(data, monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="method.vq_levels"):
+        build(data, monkeypatch, tmp_path, **{"method.pfa": False, "method.vq_levels": [5]})
+    with pytest.raises(ConfigError, match="method.vq_levels"):
+        build(data, monkeypatch, tmp_path, **{"method.pfa": False, "method.vq_levels": [-6]})
+    assert build(data, monkeypatch, tmp_path, **{"method.pfa": False, "method.vq_levels": [-5, 4]}).student.levels == [0, 4]

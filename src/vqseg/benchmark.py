@@ -26,13 +26,21 @@ so that ``concurrent`` runs can share one GPU. The suite is resumable: a run wit
 done, a finished training (``summary.json``) is only evaluated, and one with ``last.pt`` continues with
 ``--resume``. Resuming a run folder begun with another config than the suite now asks for is an
 error; a finished one is kept with a note. After the runs, ``results.csv``, ``results.md``,
-``dice_vs_labeled.png`` and ``val_curves.png`` are written from whatever runs are done.
+``paired_tests.csv``, ``dice_vs_labeled.png`` and ``val_curves.png`` are written from whatever runs
+are done.
+
+One seed is not evidence, so each row reports mean ± std over seeds with a 95 % t interval, and
+each pair of rows with the same labelled count gets a Wilcoxon signed-rank test over the test cases
+(see :func:`paired_tests`), read from the per-case scores ``vqseg evaluate`` writes
+(``eval_test.csv``).
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -45,8 +53,11 @@ from typing import Any
 
 import numpy as np
 import yaml
+from scipy import stats
 
 from vqseg.config import ConfigError, load_config, to_dict
+from vqseg.data.volumes import DataError
+from vqseg.engine.checkpoint import replace_atomically
 
 SUITE_KEYS = {
     "name", "config", "output_dir", "set", "labeled_cases", "cases_key", "seeds", "concurrent", "device", "runs"
@@ -192,7 +203,7 @@ def train_command(suite: Suite, run: RunSpec, resume: bool) -> list[str]:
         cmd.append(str(suite.config))
     for override in run.overrides:
         cmd += ["--set", override]
-    return cmd + (["--resume"] if resume else [])
+    return cmd + (["--resume"] if resume else ["--overwrite"])  # no last.pt: debris of a start that died early
 
 
 def evaluate_command(suite: Suite, run: RunSpec) -> list[str]:
@@ -361,6 +372,96 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None, in
     return float(np.mean(found)), float(np.std(found, ddof=1)) if len(found) > 1 else None, len(found)
 
 
+def t_interval(values: list[float | None], level: float = 0.95) -> tuple[float, float] | None:
+    """Two-sided t interval for the mean over seeds, mean ± t_{(1+level)/2, n-1} s / sqrt(n); None below two seeds.
+
+    Seeds are few, so the normal quantile (1.96) would claim far too much: with two seeds t is 12.7.
+    """
+    mean, std, n = mean_std(values)
+    if mean is None or std is None:
+        return None
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def _ci_cell(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    interval = t_interval(values)
+    return "—" if interval is None else f"[{interval[0] * scale:.{digits}f}, {interval[1] * scale:.{digits}f}]"
+
+
+def case_dice(run_dir: Path, split: str = "test") -> dict[str, float] | None:
+    """Per-case Dice, averaged over the foreground classes, from ``eval_<split>.csv``; None if there is none.
+
+    Runs evaluated before ``vqseg evaluate`` wrote per-case scores have no such file.
+    """
+    path = run_dir / f"eval_{split}.csv"
+    if not path.is_file():
+        return None
+    scores: dict[str, list[float]] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = sorted({"case", "class", "dice"} - set(reader.fieldnames or []))
+        if missing:
+            raise DataError(f"{path}: no column(s) {', '.join(missing)} in the header")
+        for line in reader:
+            try:
+                dice = float(line["dice"])
+            except (TypeError, ValueError):
+                dice = math.nan
+            if not math.isfinite(dice):
+                raise DataError(f"{path} line {reader.line_num}: dice {line['dice']!r} is not a finite number")
+            scores.setdefault(line["case"], []).append(dice)
+    return {case: float(np.mean(values)) for case, values in scores.items()}
+
+
+def wilcoxon_p(a: list[float], b: list[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired scores (scipy's defaults: zero differences dropped).
+
+    When every difference is zero there is nothing to rank (older scipy raises): p = 1, no evidence
+    of a difference.
+    """
+    if not np.any(np.asarray(a) - np.asarray(b)):
+        return 1.0
+    return float(stats.wilcoxon(a, b).pvalue)
+
+
+def paired_tests(runs: list[RunSpec], split: str = "test") -> list[dict[str, Any]]:
+    """Wilcoxon signed-rank test for each pair of rows with the same labelled count, over the test cases.
+
+    A row's per-case Dice is averaged over its seeds (cases every seed scored), then cases are paired
+    by name across the two rows. Cases are the units: the test asks whether these trained models
+    differ on this test set; seed-to-seed variation is what the t interval shows. A row with a run
+    lacking per-case scores gives ``pairs``, ``mean_diff`` and ``p_value`` None (n/a).
+    """
+    by_row: dict[tuple[str, int], list[dict[str, float] | None]] = {}
+    for run in runs:
+        by_row.setdefault((run.row, run.cases), []).append(case_dice(run.run_dir, split))
+    averaged: dict[tuple[str, int], dict[str, float] | None] = {}
+    for key, per_seed in by_row.items():
+        if any(scores is None for scores in per_seed):
+            averaged[key] = None
+            continue
+        common = set.intersection(*(set(scores) for scores in per_seed))
+        averaged[key] = {case: float(np.mean([scores[case] for scores in per_seed])) for case in common}
+    tests = []
+    for (row_a, cases), (row_b, cases_b) in itertools.combinations(averaged, 2):
+        if cases != cases_b:
+            continue
+        test: dict[str, Any] = {
+            "cases": cases, "row_a": row_a, "row_b": row_b, "seeds_a": len(by_row[row_a, cases]),
+            "seeds_b": len(by_row[row_b, cases]), "pairs": None, "mean_diff": None, "p_value": None,
+        }
+        a_scores, b_scores = averaged[row_a, cases], averaged[row_b, cases]
+        if a_scores is not None and b_scores is not None:
+            names = sorted(set(a_scores) & set(b_scores))
+            a, b = [a_scores[n] for n in names], [b_scores[n] for n in names]
+            test["pairs"] = len(names)
+            if names:
+                test.update(mean_diff=float(np.mean(np.subtract(a, b))), p_value=wilcoxon_p(a, b))
+        tests.append(test)
+    return tests
+
+
 def _cell(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
     mean, std, _ = mean_std(values)
     if mean is None:
@@ -384,10 +485,38 @@ def _distinct(records: list[dict[str, Any]], key: str) -> str:
     return " / ".join(values) if values else "unknown"
 
 
-def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int) -> str:
+def _paired_markdown(tests: list[dict[str, Any]]) -> list[str]:
+    """The paired-test table and how to read it."""
+    if not tests:
+        return []
+    lines = [
+        "", "## Paired tests over the test cases", "",
+        "| Labelled | A | B | Seeds A / B | Cases paired | Mean Dice A − B (%) | Wilcoxon p |", "|" + "---|" * 7,
+    ]
+    for t in tests:
+        pairs = "n/a" if t["pairs"] is None else str(t["pairs"])
+        diff = "n/a" if t["mean_diff"] is None else f"{100 * t['mean_diff']:+.2f}"
+        p_value = "n/a" if t["p_value"] is None else f"{t['p_value']:.3g}"
+        lines.append(
+            f"| {t['cases']} | {t['row_a']} | {t['row_b']} | {t['seeds_a']} / {t['seeds_b']} | {pairs} | {diff} | "
+            f"{p_value} |"
+        )
+    lines += [
+        "",
+        "Each case's Dice (mean over foreground classes, from the run's `eval_test.csv`) is averaged over a row's "
+        "seeds, then cases are paired by name across the two rows: two-sided Wilcoxon signed-rank test "
+        "(`scipy.stats.wilcoxon`, zero differences dropped; p = 1 when every difference is zero). Cases are the "
+        "units, so p says whether these trained models differ on this test set; the spread over seeds is what the "
+        "95 % CI shows. p-values are not corrected for the number of pairs compared. n/a: a run of the row was "
+        "evaluated before per-case scores were written (re-run `vqseg evaluate RUN_DIR --split test`).",
+    ]
+    return lines
+
+
+def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int, tests: list[dict[str, Any]]) -> str:
     classes = [k[len("dice_"):] for k in records[0] if k.startswith("dice_")] if records else []
     header = (
-        ["Method", "Labelled", "Seeds", "Dice (%)", "Jaccard (%)", "HD95", "ASD"]
+        ["Method", "Labelled", "Seeds", "Dice (%)", "Dice 95 % CI", "Jaccard (%)", "HD95", "ASD"]
         + ["HD95 (found)", "ASD (found)", "Missed"]
         + [f"{c} Dice (%)" for c in classes]
         + ["Train time (min)", "it/s", "Peak mem (MB)"]
@@ -397,7 +526,8 @@ def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int) 
         col = partial(_column, group)
         cells = [
             row, str(cases), str(len(group)),
-            _cell(col("dice"), 100), _cell(col("jaccard"), 100), _cell(col("hd95")), _cell(col("asd")),
+            _cell(col("dice"), 100), _ci_cell(col("dice"), 100),
+            _cell(col("jaccard"), 100), _cell(col("hd95")), _cell(col("asd")),
             _cell(col("hd95_found")), _cell(col("asd_found")), _cell(col("missed"), digits=1),
             *[_cell(col(f"dice_{c}"), 100) for c in classes],
             _cell([None if t is None else t / 60 for t in col("wall_time_s")], digits=1),
@@ -411,10 +541,12 @@ def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int) 
         f"{len(records)} of {planned} planned runs tested.",
         "",
         "Checkpoints are selected on validation Dice (best.pt) and scored once on the test split. "
-        "Cells are mean ± std over seeds (sample std, ddof=1; — for a single seed). Dice, Jaccard, HD95 and ASD "
+        "Cells are mean ± std over seeds (sample std, ddof=1; — for a single seed); the 95 % CI of Dice is the "
+        "t interval over seeds, mean ± t(0.975, n−1)·std/√n (— for a single seed). Dice, Jaccard, HD95 and ASD "
         "follow the SSL4MIS convention (a missed structure scores HD95 = ASD = 0), in "
         f"{_distinct(records, 'units')}; (found) columns average distances only where the structure was found, "
         "and Missed counts structures absent from the prediction, summed over classes and test volumes.",
+        *_paired_markdown(tests),
     ]
     return "\n".join(lines) + "\n"
 
@@ -464,16 +596,28 @@ def _plot(suite: Suite, runs: list[RunSpec], records: list[dict[str, Any]]) -> N
     plt.close(fig)
 
 
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    replace_atomically(path, write)
+
+
 def write_results(suite: Suite, runs: list[RunSpec]) -> list[dict[str, Any]]:
-    """results.csv, results.md and the two plots from every tested run of the plan."""
-    records = [run_record(run) for run in runs if run_status(run.run_dir) == "done"]
+    """results.csv, paired_tests.csv, results.md and the two plots from every tested run of the plan."""
+    done = [run for run in runs if run_status(run.run_dir) == "done"]
+    records = [run_record(run) for run in done]
+    tests = paired_tests(done)
     suite.output_dir.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(key for record in records for key in record))
-    with (suite.output_dir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
-    (suite.output_dir / "results.md").write_text(results_markdown(suite, records, len(runs)))
+    _write_csv(suite.output_dir / "results.csv", records, list(dict.fromkeys(k for r in records for k in r)))
+    test_fields = ["cases", "row_a", "row_b", "seeds_a", "seeds_b", "pairs", "mean_diff", "p_value"]
+    _write_csv(suite.output_dir / "paired_tests.csv", tests, test_fields)
+    markdown = results_markdown(suite, records, len(runs), tests)
+    replace_atomically(suite.output_dir / "results.md", lambda tmp: tmp.write_text(markdown))
     _plot(suite, runs, records)
-    print(f"results: {suite.output_dir / 'results.md'}, results.csv, dice_vs_labeled.png, val_curves.png")
+    print(f"results: {suite.output_dir / 'results.md'}, results.csv, paired_tests.csv, dice_vs_labeled.png, "
+          "val_curves.png")
     return records

@@ -7,6 +7,7 @@ offending key named, instead of being silently ignored hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -21,7 +22,12 @@ DATA_ENV_VAR = "VQSEG_DATA"
 DEFAULT_DATA_ROOT = "../shared/data"
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Base of every error the user can cause and fix (a bad file or setting): the CLI prints its
+    message as one line and exits with status 2; anything else is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError):
     """A configuration file or override that cannot be turned into a valid config."""
 
 
@@ -45,7 +51,7 @@ def expand_env(text: str) -> str:
 
 @dataclass
 class DataConfig:
-    dataset: str = "acdc"  # acdc | phantom | cvc
+    dataset: str = "acdc"  # acdc | phantom | cvc | prepared (any folder `vqseg prepare` has verified)
     root: str = "${VQSEG_DATA:-../shared/data}/acdc"
     labeled_cases: int | list[int] = 3  # a count from the split's labelled order, or patient ids
     num_classes: int = 4
@@ -55,6 +61,18 @@ class DataConfig:
     phantom_unlabeled: int = 192
     phantom_val: int = 16
     phantom_test: int = 24
+    # How images and masks are read (data/casefiles.py); `prepared` data fills both in, auto = the bundled rule
+    intensity: str = "auto"  # auto | divide255 | percentile | minmax
+    label_encoding: str = "auto"  # auto | labels | binary01 | binary255 | threshold
+
+    def __post_init__(self) -> None:
+        check_range("data.num_classes", self.num_classes, 2)
+        check_range("data.in_channels", self.in_channels, 1)
+        for key in ("phantom_labeled", "phantom_val", "phantom_test"):
+            check_range(f"data.{key}", getattr(self, key), 1)
+        check_range("data.phantom_unlabeled", self.phantom_unlabeled, 0)
+        _check_choice("data.intensity", self.intensity, ("auto", "divide255", "percentile", "minmax"))
+        _check_choice("data.label_encoding", self.label_encoding, ("auto", "labels", "binary01", "binary255", "threshold"))
 
 
 @dataclass
@@ -68,6 +86,16 @@ class ModelConfig:
         from vqseg.models import available_models
 
         _check_choice("model.name", self.name, available_models())
+        if not self.channels:
+            raise ConfigError("model.channels is empty; give one width per U-Net level")
+        if len(self.dropout) != len(self.channels):
+            raise ConfigError(
+                f"model.dropout has {len(self.dropout)} entries but model.channels has {len(self.channels)}: "
+                "give one dropout rate per level"
+            )
+        for i, (width, rate) in enumerate(zip(self.channels, self.dropout)):
+            check_range(f"model.channels[{i}]", width, 1)
+            check_range(f"model.dropout[{i}]", rate, 0, 1, high_open=True)
 
 
 @dataclass
@@ -83,10 +111,54 @@ class AugConfig:
     blur_prob: float = 0.5
     cutmix_prob: float = 0.5
 
+    def __post_init__(self) -> None:
+        check_range("aug.rotate_deg", self.rotate_deg, 0, 180)
+        check_interval("aug.scale", self.scale, 0, None, low_open=True)
+        check_interval("aug.contrast", self.contrast, 0, None, low_open=True)
+        check_interval("aug.gamma", self.gamma, 0, None, low_open=True)
+        check_interval("aug.blur_sigma", self.blur_sigma, 0, None, low_open=True)
+        check_range("aug.noise_std", self.noise_std, 0)
+        check_range("aug.blur_prob", self.blur_prob, 0, 1)
+        check_range("aug.cutmix_prob", self.cutmix_prob, 0, 1)
+
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r}; choose from {list(choices)}")
+
+
+def check_range(
+    key: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Refuse a numeric setting outside [low, high] (an open end excludes the bound), naming the key.
+
+    Every numeric setting is checked when the config is built, so a bad value stops the run at
+    start-up with the key named instead of crashing deep inside a layer hours later.
+    """
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or not math.isfinite(value):  # NaN compares False with everything
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+        hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value!r} is out of range: it must lie in {lo}, {hi}")
+
+
+def check_interval(
+    key: str, values: list[float], low: float | None = None, high: float | None = None, *, low_open: bool = False
+) -> None:
+    """A ``[lo, hi]`` pair of settings (an augmentation range): both ends in bounds, and ordered."""
+    if len(values) != 2:
+        raise ConfigError(f"{key}={values} must be a [low, high] pair")
+    for i, value in enumerate(values):
+        check_range(f"{key}[{i}]", value, low, high, low_open=low_open)
+    if values[0] > values[1]:
+        raise ConfigError(f"{key}={values}: low end above high end")
 
 
 @dataclass
@@ -109,15 +181,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        for key in ("iterations", "image_size", "batch_size", "val_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("iterations", "image_size", "batch_size", "unlabeled_batch_size", "val_every", "log_every"):
+            check_range(f"train.{key}", getattr(self, key), 1)
+        check_range("train.lr", self.lr, 0, low_open=True)
+        check_range("train.momentum", self.momentum, 0, 1, high_open=True)
+        check_range("train.weight_decay", self.weight_decay, 0)
+        check_range("train.poly_power", self.poly_power, 0)
+        check_range("train.num_threads", self.num_threads, 0)
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 32
     spacing: list[float] | None = None  # None = voxel units, as the published numbers
+
+    def __post_init__(self) -> None:
+        check_range("eval.batch_size", self.batch_size, 1)
+        for i, value in enumerate(self.spacing or []):
+            check_range(f"eval.spacing[{i}]", value, 0, low_open=True)
 
 
 @dataclass
@@ -138,6 +219,23 @@ class PDCRSettings:
     unlabeled: bool = False  # also on unlabelled images, driven by confident pseudo-labels
     unlabeled_threshold: float = 0.95
 
+    def __post_init__(self) -> None:
+        from vqseg.modules.pdcr import SAMPLING_MODES
+
+        _check_choice("pdcr.sampling", self.sampling, SAMPLING_MODES)
+        for i, layer in enumerate(self.layers):
+            check_range(f"pdcr.layers[{i}].num_samples", layer.num_samples, 1)
+            check_range(f"pdcr.layers[{i}].weight", layer.weight, 0)
+        for i, size in enumerate(self.patch_sizes):
+            check_range(f"pdcr.patch_sizes[{i}]", size, 1)
+            if size % 2 == 0:
+                raise ConfigError(f"pdcr.patch_sizes[{i}]={size} must be odd (a patch is centred on a cell)")
+        check_range("pdcr.tau", self.tau, 0, low_open=True)
+        check_range("pdcr.cross_weight", self.cross_weight, 0)
+        check_range("pdcr.unlabeled_threshold", self.unlabeled_threshold, 0, 1)
+        if len(self.cross_layer) not in (0, 2):
+            raise ConfigError(f"pdcr.cross_layer={self.cross_layer} must name two layers or none")
+
 
 @dataclass
 class MethodConfig:
@@ -157,6 +255,35 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pdcr: PDCRSettings = field(default_factory=PDCRSettings)
     method: MethodConfig = field(default_factory=MethodConfig)
+
+    def __post_init__(self) -> None:
+        check_range("seed", self.seed, 0, 2**32 - 1)
+        # Each U-Net level below the first halves the image (max-pooling, rounding down); below a
+        # 1 x 1 bottleneck the pooling fails.
+        smallest = 2 ** (len(self.model.channels) - 1)
+        if self.train.image_size < smallest:
+            raise ConfigError(
+                f"train.image_size={self.train.image_size} is too small for the {len(self.model.channels)}-level "
+                f"model.channels: it must be at least {smallest} (each level halves it)"
+            )
+
+
+# Settings that pick hardware or what is shown and logged, never the experiment: a resumed run may
+# change them. Everything else (seed, data, model, method, schedule, augmentation, PDCR, the
+# validation cadence that chooses best.pt) must match the checkpoint.
+RESUME_FREE_KEYS = frozenset({"output_dir", "train.num_threads", "train.device", "train.log_every", "eval.batch_size"})
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two ``to_dict`` trees; a key only one side has counts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {k for key in set(old) | set(new) for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")}
+    return set() if old == new else {prefix.rstrip(".")}
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Keys that differ from the checkpoint's config and would change the resumed run's results."""
+    return sorted(changed_keys(saved, to_dict(cfg)) - RESUME_FREE_KEYS)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -39,7 +39,7 @@ def run_demo(output: Path, methods: list[str]) -> dict[str, float]:
         began = time.time()
         overrides = [f"method.name={name}", *METHOD_OVERRIDES.get(name, []), f"output_dir={output / name}"]
         cfg = load_config(CONFIG, overrides)
-        train(cfg)
+        train(cfg, overwrite=True)  # the demo regenerates its folders on every run
         summary = evaluate_run(output / name, "test")
         results[name] = summary["paper"]["mean"]["dice"]
         print(f"{name}: test Dice {results[name]:.3f} ({time.time() - began:.0f} s)", flush=True)

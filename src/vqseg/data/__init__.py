@@ -13,6 +13,7 @@ _READERS = {
     "acdc": ("vqseg.data.acdc", "load_acdc", "load_acdc_split"),
     "phantom": ("vqseg.data.phantom", "load_phantom", "load_phantom_split"),
     "cvc": ("vqseg.data.cvc", "load_cvc", "load_cvc_split"),
+    "prepared": ("vqseg.data.prepare", "load_prepared", "load_prepared_split"),  # any `vqseg prepare`d folder
 }
 
 
@@ -21,6 +22,14 @@ def _reader(cfg: Config, which: int) -> Callable:
         raise DataError(f"data.dataset={cfg.data.dataset!r} is unknown; choose from {sorted(_READERS)}")
     entry = _READERS[cfg.data.dataset]
     return getattr(importlib.import_module(entry[0]), entry[which])
+
+
+def resolve_data_config(cfg: Config) -> None:
+    """Fill in the data.* values a prepared dataset dictates (classes, channels, preprocessing)."""
+    if cfg.data.dataset == "prepared":
+        from vqseg.data.prepare import adopt_prepared_settings
+
+        adopt_prepared_settings(cfg)
 
 
 def load_training_data(cfg: Config) -> SegmentationData:
@@ -41,4 +50,6 @@ def load_split(cfg: Config, split: str) -> list[Volume]:
     return volumes
 
 
-__all__ = ["DataError", "SegmentationData", "SliceSet", "Volume", "load_split", "load_training_data"]
+__all__ = [
+    "DataError", "SegmentationData", "SliceSet", "Volume", "load_split", "load_training_data", "resolve_data_config"
+]

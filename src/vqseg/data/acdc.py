@@ -7,7 +7,6 @@ patient's files are found by pattern rather than by a fixed frame number.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import h5py
 import numpy as np
 
 from vqseg.config import Config, resolve_path
+from vqseg.data.splits import check_ids, read_splits
 from vqseg.data.volumes import DataError, SegmentationData, Volume, check_volume, stack_slices
 
 NUM_CLASSES = 4
@@ -61,21 +61,10 @@ def patient_files(root: Path, patient: int) -> list[Path]:
 
 def load_splits(root: Path) -> dict:
     path = root / "splits.json"
-    if not path.is_file():
-        raise DataError(f"{path}: split file is missing (expected train/val/test patient lists)")
-    try:
-        splits = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    for key in ("train", "val", "test"):
-        if not splits.get(key):
-            raise DataError(f"{path}: split {key!r} is missing or empty")
+    splits = read_splits(path, "patient")
     splits.setdefault("labeled_order", splits["train"])
-    train, val, test = (set(splits[k]) for k in ("train", "val", "test"))
-    overlap = (train & val) | (train & test) | (val & test)
-    if overlap:
-        raise DataError(f"{path}: patients {sorted(overlap)} appear in more than one split")
-    outside = sorted(set(splits["labeled_order"]) - train)
+    check_ids(path, "labeled_order", splits["labeled_order"], "patient")
+    outside = sorted(set(splits["labeled_order"]) - set(splits["train"]))
     if outside:
         raise DataError(f"{path}: labeled_order lists patients {outside} that are not in the train split")
     return splits
@@ -89,7 +78,13 @@ def labeled_patients(splits: dict, labeled_cases: int | list[int]) -> list[int]:
             raise DataError(
                 f"data.labeled_cases={labeled_cases} but the training split has {len(train)} patients"
             )
-        return list(splits["labeled_order"][:labeled_cases])
+        order = splits["labeled_order"]
+        if labeled_cases > len(order):  # taking fewer than asked would silently change the experiment
+            raise DataError(
+                f"data.labeled_cases={labeled_cases} but splits.json's labeled_order lists only {len(order)} "
+                "patients; extend labeled_order or name the patients as a list"
+            )
+        return list(order[:labeled_cases])
     if len(set(labeled_cases)) != len(labeled_cases):
         raise DataError(f"data.labeled_cases lists a patient twice: {labeled_cases}")
     unknown = sorted(set(labeled_cases) - set(train))

@@ -9,13 +9,13 @@ the same video.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vqseg.config import Config, resolve_path
+from vqseg.data.splits import SPLITS, read_splits
 from vqseg.data.volumes import DataError, SegmentationData, Volume, check_volume, stack_slices
 
 CLASS_NAMES = ["polyp"]
@@ -40,14 +40,24 @@ def read_frame(root: Path, frame: int) -> Volume:
 
 
 def _splits(cfg: Config) -> tuple[Path, dict]:
+    """The split file, with ``sequence_of_frame`` turned into {frame id: sequence id} and checked to
+    cover every frame (labelled and unlabelled frames are separated by sequence)."""
     root = resolve_path(cfg.data.root)
     path = root / "splits.json"
-    if not path.is_file():
-        raise DataError(f"{path}: split file is missing")
-    splits = json.loads(path.read_text())
-    for key in ("train", "val", "test", "sequence_of_frame"):
-        if not splits.get(key):
-            raise DataError(f"{path}: {key!r} is missing or empty")
+    splits = read_splits(path, "frame")
+    raw = splits.get("sequence_of_frame")
+    if not raw or not isinstance(raw, dict):
+        raise DataError(f"{path}: 'sequence_of_frame' is missing or empty (a mapping frame id -> sequence id)")
+    try:
+        sequence = {int(frame): seq for frame, seq in raw.items()}
+    except ValueError:
+        raise DataError(f"{path}: 'sequence_of_frame' keys must be integer frame ids") from None
+    if not all(isinstance(seq, int) and not isinstance(seq, bool) for seq in sequence.values()):
+        raise DataError(f"{path}: 'sequence_of_frame' values must be integer sequence ids")
+    missing = sorted({f for key in SPLITS for f in splits[key]} - set(sequence))
+    if missing:
+        raise DataError(f"{path}: frames {missing[:10]} are missing from 'sequence_of_frame'")
+    splits["sequence_of_frame"] = sequence
     return root, splits
 
 
@@ -58,7 +68,7 @@ def load_cvc_split(cfg: Config, split: str) -> list[Volume]:
 
 def load_cvc(cfg: Config) -> SegmentationData:
     root, splits = _splits(cfg)
-    sequence = {int(k): v for k, v in splits["sequence_of_frame"].items()}
+    sequence = splits["sequence_of_frame"]
     train_sequences = sorted({sequence[f] for f in splits["train"]})
     count = cfg.data.labeled_cases
     if isinstance(count, list):

@@ -6,26 +6,50 @@ file on any problem) and hand over tensors; the training loop never touches the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from vqseg.config import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data: the message names the file or setting and what is wrong with it."""
 
 
 @dataclass
+class Geometry:
+    """Where a case came from, so its prediction can be written back in the input's own voxel order.
+
+    ``slice_axis`` is the input array axis the slices were taken along (None for a 2D input);
+    ``affine`` and ``header`` are the NIfTI ones, copied unchanged into the written prediction.
+    """
+
+    source: Path
+    shape: tuple[int, ...]
+    slice_axis: int | None = None
+    affine: np.ndarray | None = None
+    header: Any = None
+
+
+@dataclass
 class Volume:
-    """One case: ``image`` D x C x H x W float32 in [0, 1]-ish, ``label`` D x H x W uint8."""
+    """One case: ``image`` D x C x H x W float32 in [0, 1]-ish, ``label`` D x H x W uint8 (None if unlabelled).
+
+    ``spacing`` (mm per D, H, W axis) comes from the file header; None means the file stores none,
+    so distances are in voxels or pixels.
+    """
 
     name: str
     image: np.ndarray
-    label: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, ...] | None = None
+    geometry: Geometry | None = None
 
 
 @dataclass
@@ -54,6 +78,7 @@ class SegmentationData:
     num_classes: int
     class_names: list[str]
     in_channels: int
+    settings: dict[str, Any] = field(default_factory=dict)  # further data.* values the dataset dictates
 
 
 def check_volume(image: np.ndarray, label: np.ndarray | None, num_classes: int, source: str | Path) -> None:
@@ -70,11 +95,13 @@ def check_volume(image: np.ndarray, label: np.ndarray | None, num_classes: int, 
         )
 
 
-def resize_slices(volume: Volume, size: int) -> tuple[Tensor, Tensor]:
+def resize_slices(volume: Volume, size: int) -> tuple[Tensor, Tensor | None]:
     """Bilinear for intensities, nearest for labels, as SSL4MIS does per slice."""
     image = torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32))
-    label = torch.from_numpy(np.ascontiguousarray(volume.label)).float().unsqueeze(1)
     image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+    if volume.label is None:
+        return image, None
+    label = torch.from_numpy(np.ascontiguousarray(volume.label)).float().unsqueeze(1)
     label = F.interpolate(label, size=(size, size), mode="nearest").squeeze(1).to(torch.uint8)
     return image, label
 

@@ -1,8 +1,10 @@
 """The training loop, top to bottom: data streams, method step, optimiser, validation, checkpoints.
 
-One run folder holds everything: ``config.yaml`` (resolved), ``last.pt`` (full state, atomic),
-``best.pt`` (predictor weights chosen on validation), ``metrics.jsonl``, TensorBoard events and
-``summary.json`` (time, throughput, peak memory).
+One run folder holds everything: ``config.yaml`` (resolved), ``last.pt`` (full state and the
+resolved config, atomic), ``best.pt`` (predictor weights chosen on validation), ``metrics.jsonl``,
+TensorBoard events and ``summary.json`` (time, throughput, peak memory). Every check that can
+refuse a start (folder lock, a used folder, a resume under other settings, data, model) runs
+before the first byte is written, so a refused start leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -11,14 +13,22 @@ import json
 import math
 import resource
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from vqseg.config import Config, ConfigError, save_config, to_dict
-from vqseg.data import DataError, SegmentationData, load_training_data
-from vqseg.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from vqseg.config import Config, ConfigError, UserError, resume_conflicts, save_config, to_dict
+from vqseg.data import DataError, SegmentationData, load_training_data, resolve_data_config
+from vqseg.engine.checkpoint import (
+    load_checkpoint,
+    replace_atomically,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from vqseg.engine.distributed import (
     DistInfo,
     average_gradients,
@@ -27,6 +37,13 @@ from vqseg.engine.distributed import (
     init_distributed,
     shutdown,
 )
+from vqseg.engine.run_dir import (
+    RunFolderError,
+    check_output_dir,
+    clear_run,
+    existing_run_files,
+    run_folder_lock,
+)
 from vqseg.engine.sampler import InfiniteSampler
 from vqseg.evaluation.inference import mean_dice, predict_volumes
 from vqseg.methods import build_method
@@ -34,12 +51,22 @@ from vqseg.methods.base import Batch, Method, StepOutput
 from vqseg.models import build_model
 from vqseg.progress import progress_bar
 
+# What a resume needs from last.pt; a file without these is not a training checkpoint.
+_RESUME_KEYS = ("method", "optimizer", "scheduler", "samplers", "rng", "step", "best", "config")
 
-def select_device(name: str) -> torch.device:
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or Inf: almost always too high a learning rate for the data."""
+
+
+def select_device(name: str, setting: str = "train.device") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a setting error, named."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"{setting}={name!r}; choose auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}={name} but no CUDA device is available; use cpu or auto")
     return torch.device(name)
 
 
@@ -159,29 +186,102 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train into ``cfg.output_dir``: a fresh run needs an unused folder (or ``overwrite``, which
+    removes the old run's files once every start-up check has passed); ``resume`` continues last.pt."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it: choose one")
     device = select_device(cfg.train.device)
     dist_info = init_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     try:
-        return _train(cfg, resume, device, dist_info)
+        with ExitStack() as stack:
+            return _train(cfg, resume, overwrite, device, dist_info, stack)
     finally:
         shutdown(dist_info)
 
 
-def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> Path:
+def _claim_run_folder(
+    cfg: Config, resume: bool, overwrite: bool, device: torch.device, info: DistInfo, stack: ExitStack
+) -> dict[str, Any] | None:
+    """Lock the folder (rank 0), refuse a used folder or a resume under other settings; returns
+    the checkpoint to resume from. Rank 0's refusal is raised on every rank, so none waits forever."""
+    run_dir = Path(cfg.output_dir)
+    error: UserError | None = None
+    state = None
+    try:
+        if info.is_main:
+            stack.enter_context(run_folder_lock(run_dir))
+            found = existing_run_files(run_dir)
+            if found and not resume and not overwrite:
+                raise RunFolderError(
+                    f"output_dir={run_dir} already holds a run ({', '.join(found)}); continue it with --resume, "
+                    "replace it with --overwrite, or choose another output_dir"
+                )
+        if resume:
+            state = load_checkpoint(run_dir / "last.pt", device, required=_RESUME_KEYS)
+            _check_resume_config(state["config"], cfg, run_dir / "last.pt")
+            if len(state["samplers"]) != info.world_size:  # each process owns its data stream
+                raise ConfigError(
+                    f"--resume: {run_dir / 'last.pt'} was written by {len(state['samplers'])} process(es); "
+                    f"resume with as many, not {info.world_size}"
+                )
+    except UserError as err:
+        error = err
+    _raise_shared(error, info)
+    return state
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: Config, checkpoint: Path) -> None:
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        new = to_dict(cfg)
+        shown = ", ".join(f"{key} ({_lookup(saved, key)!r} -> {_lookup(new, key)!r})" for key in conflicts[:6])
+        more = f" and {len(conflicts) - 6} more" if len(conflicts) > 6 else ""
+        raise ConfigError(
+            f"--resume: {checkpoint} was trained with other settings: {shown}{more}; resume with the saved "
+            "settings, or start a fresh run (--overwrite, or another output_dir)"
+        )
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "(absent)"
+        tree = tree[part]
+    return tree
+
+
+def _raise_shared(error: UserError | None, info: DistInfo) -> None:
+    """Every rank raises the first rank's error (rank 0 owns the folder checks)."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        errors: list[UserError | None] = [None] * info.world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
+def _train(
+    cfg: Config, resume: bool, overwrite: bool, device: torch.device, info: DistInfo, stack: ExitStack
+) -> Path:
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     run_dir = Path(cfg.output_dir)
     checkpoint_path = run_dir / "last.pt"
+    check_output_dir(run_dir)
     if resume and not checkpoint_path.is_file():
-        raise FileNotFoundError(f"--resume: {checkpoint_path} does not exist")
+        raise RunFolderError(f"--resume: {checkpoint_path} does not exist")
     for name, size in (("train.batch_size", t.batch_size), ("train.unlabeled_batch_size", t.unlabeled_batch_size)):
         if size % info.world_size:
-            raise ValueError(f"{name}={size} must be divisible by the {info.world_size} processes")
+            raise ConfigError(f"{name}={size} must be divisible by the {info.world_size} processes")
+    resolve_data_config(cfg)  # before the resume check: a prepared dataset fills in data.* values
+    state = _claim_run_folder(cfg, resume, overwrite, device, info, stack)
 
     torch.manual_seed(cfg.seed)
     data = load_training_data(cfg)
@@ -189,9 +289,10 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
     if method_uses_unlabeled(cfg) and len(data.unlabeled) == 0:
         raise DataError(f"method {cfg.method.name} needs unlabelled images but the unlabelled training set is empty")
     method = build_run_method(cfg, data.in_channels, data.num_classes).to(device)
-    if info.is_main:  # only now: a start that fails must not overwrite an existing run's config
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    if info.is_main:  # only now: a start that fails must leave the folder as it was
+        if overwrite:
+            clear_run(run_dir)
+        replace_atomically(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
     method.prepare(data)
     broadcast_state(method, info)
     params = [p for p in method.parameters() if p.requires_grad]
@@ -203,8 +304,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
     torch.manual_seed(cfg.seed * 7919 + info.rank)  # augmentation/dropout randomness differs per rank
 
     start_step, best = 0, {"val_dice": -1.0, "step": -1}
-    if resume:
-        state = load_checkpoint(checkpoint_path, device)
+    if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -213,9 +313,10 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
         start_step, best = state["step"], state["best"]
 
     log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
-    writer = _tensorboard(run_dir) if info.is_main else None
-    bar = progress_bar(t.iterations, cfg.method.name, disable=not info.is_main, initial=start_step)
-    began, step_times = time.time(), []
+    # Closed by the stack on any exit, so an error line starts on a line of its own after the bar.
+    writer = stack.enter_context(_tensorboard(run_dir, start_step + 1 if resume else None)) if info.is_main else None
+    bar = stack.enter_context(progress_bar(t.iterations, cfg.method.name, disable=not info.is_main, initial=start_step))
+    began, step_times, saved_step = time.time(), [], start_step
     method.train()
     for step in range(start_step, t.iterations):
         tick = time.perf_counter()
@@ -226,8 +327,14 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
         done = step + 1
         bar.update(1)
 
-        if done % t.log_every == 0 and not torch.isfinite(out.loss):  # checked sparsely: a host sync
-            raise FloatingPointError(f"loss became {out.loss.item()} at step {done}; logs: {_scalars(out.logs)}")
+        validating = done % t.val_every == 0 or done == t.iterations
+        # Checked sparsely (a host sync), and always before a checkpoint could save broken weights.
+        if (done % t.log_every == 0 or validating) and not torch.isfinite(out.loss):
+            kept = f"{checkpoint_path} keeps step {saved_step}" if saved_step else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"loss became {out.loss.item()} at step {done} (checked every train.log_every={t.log_every} steps "
+                f"and before each checkpoint); try a lower learning rate than train.lr={t.lr:g}; {kept}"
+            )
         if info.is_main and (done % t.log_every == 0 or done == t.iterations):
             record = {"step": done, "lr": scheduler.get_last_lr()[0], "loss": out.loss.item(), **_scalars(out.logs)}
             log.write(record)
@@ -236,10 +343,11 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
                     writer.add_scalar(f"train/{key}", value, done)
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)  # the bar redraws on its own interval
 
-        if done % t.val_every == 0 or done == t.iterations:
+        if validating:
             broadcast_state(method, info)  # batch-norm statistics are per rank; validate rank 0's
             if info.is_main:
                 score = _validate(cfg, method, data, device)
+                method.after_validation(done, score)
                 log.write({"step": done, "val_dice": score})
                 writer.add_scalar("val/dice", score, done)
                 if score > best["val_dice"]:
@@ -249,8 +357,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
                         run_dir / "best.pt",
                     )
                 bar.write(f"step {done}: val Dice {score:.4f} (best {best['val_dice']:.4f} at {best['step']})")
-            _save_state(checkpoint_path, method, optimizer, scheduler, streams, done, best, info)
-    bar.close()
+            _save_state(checkpoint_path, cfg, method, optimizer, scheduler, streams, done, best, info)
+            saved_step = done
 
     if info.is_main:
         elapsed = time.time() - began
@@ -267,8 +375,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> P
             "best_val_dice": best["val_dice"],
             "best_step": best["step"],
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        writer.close()
+        replace_atomically(run_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     barrier(info)
     return run_dir
 
@@ -280,8 +387,10 @@ def method_uses_unlabeled(cfg: Config) -> bool:
 
 
 def _check_against_data(cfg: Config, data: SegmentationData) -> None:
-    """Evaluation rebuilds the network from config.yaml, so it must describe the data truthfully."""
-    for key, found in (("num_classes", data.num_classes), ("in_channels", data.in_channels)):
+    """Evaluation and predict rebuild the network and preprocessing from config.yaml, so it must describe
+    the data truthfully (``settings``: what a prepared dataset dictates beyond classes and channels)."""
+    dictated = {"num_classes": data.num_classes, "in_channels": data.in_channels, **data.settings}
+    for key, found in dictated.items():
         if getattr(cfg.data, key) != found:
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)} but the {cfg.data.dataset} data has {found}")
     if len(cfg.data.class_names) != data.num_classes - 1:
@@ -290,10 +399,11 @@ def _check_against_data(cfg: Config, data: SegmentationData) -> None:
         )
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, purge_step: int | None):
+    """On resume, events from steps after the checkpoint (run again now) are purged, not duplicated."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(run_dir / "tb"))
+    return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
 
 def _scalars(logs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -305,8 +415,11 @@ def _validate(cfg: Config, method: Method, data: SegmentationData, device: torch
     return mean_dice(predictions, data.val, data.num_classes)
 
 
-def _save_state(path, method, optimizer, scheduler, streams: Streams, step: int, best: dict, info: DistInfo) -> None:
-    """Every rank's sampler and RNG state is gathered so a resumed multi-process run is exact too."""
+def _save_state(
+    path, cfg: Config, method, optimizer, scheduler, streams: Streams, step: int, best: dict, info: DistInfo
+) -> None:
+    """Every rank's sampler and RNG state is gathered so a resumed multi-process run is exact too;
+    the resolved config is stored so a resume can refuse settings that would change the run."""
     local = {
         "samplers": streams.state_dict(),
         "rng": rng_state(),
@@ -328,6 +441,7 @@ def _save_state(path, method, optimizer, scheduler, streams: Streams, step: int,
                 "rng": [g["rng"] for g in gathered],
                 "step": step,
                 "best": best,
+                "config": to_dict(cfg),
             },
             path,
         )

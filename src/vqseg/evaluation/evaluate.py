@@ -1,19 +1,33 @@
-"""``vqseg evaluate RUN_DIR``: score the validation-selected checkpoint on a split, write JSON + markdown."""
+"""``vqseg evaluate RUN_DIR``: score a run's checkpoint on a split of its own data or of any prepared
+dataset (``--data``), and write a JSON + markdown summary and a per-case CSV.
+
+Distances are in mm from each case's own header spacing when its files store one (NIfTI), in
+voxels for the bundled h5 volumes and phantoms and in pixels for 2D images, unless ``--spacing``
+gives one for every case; the unit is stated in every output.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from vqseg.config import Config, ConfigError, load_config
-from vqseg.data import load_split
-from vqseg.engine.checkpoint import load_checkpoint
+from vqseg.config import Config, ConfigError, load_config, resolve_path
+from vqseg.data import Volume, load_split
+from vqseg.data.casefiles import label_scale, prediction_filename, resolved_rules, write_labels
+from vqseg.data.prepare import open_prepared
+from vqseg.data.volumes import DataError
+from vqseg.engine.checkpoint import load_checkpoint, replace_atomically
 from vqseg.engine.trainer import build_run_method, select_device
 from vqseg.evaluation.inference import predict_volumes
-from vqseg.evaluation.metrics import aggregate, format_markdown, score_volume
+from vqseg.evaluation.metrics import ClassScore, aggregate, format_markdown, score_volume
+
+CSV_COLUMNS = ("case", "class", "dice", "jaccard", "hd95", "asd", "missed", "units")
 
 
 def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Config, torch.nn.Module, dict]:
@@ -22,6 +36,8 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Config, torch.nn.
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder: {config_path} is missing")
     cfg = load_config(config_path)
+    if not (run_dir / f"{checkpoint}.pt").is_file():
+        raise ConfigError(f"{run_dir}: no model to load ({checkpoint}.pt is missing; has the run been trained?)")
     state = load_checkpoint(run_dir / f"{checkpoint}.pt")
     method = build_run_method(cfg, cfg.data.in_channels, cfg.data.num_classes)
     predictor = method.predictor()
@@ -29,41 +45,117 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Config, torch.nn.
     return cfg, predictor, state
 
 
+def run_rules(cfg: Config) -> tuple[str, str]:
+    """The run's intensity rule and mask encoding (what predict applies, how masks are written)."""
+    return resolved_rules(cfg.data.dataset, cfg.data.intensity, cfg.data.label_encoding)
+
+
+def other_dataset_volumes(cfg: Config, data_dir: Path, split: str) -> list[Volume]:
+    """A split of any prepared dataset, read with the run's intensity rule; classes and channels must match."""
+    prepared = open_prepared(data_dir)
+    info = prepared.info
+    for key in ("num_classes", "in_channels"):
+        if info[key] != getattr(cfg.data, key):
+            raise DataError(
+                f"{data_dir}: has {key}={info[key]} ({', '.join(info['class_names'])}) but the run was trained "
+                f"with {getattr(cfg.data, key)} ({', '.join(cfg.data.class_names)})"
+            )
+    if not prepared.splits[split]:
+        raise DataError(f"{data_dir}: split {split!r} is empty")
+    return prepared.volumes(split, run_rules(cfg)[0])
+
+
+def _data_name(cfg: Config) -> str:
+    return cfg.data.dataset if cfg.data.dataset == "phantom" else str(resolve_path(cfg.data.root))
+
+
+def _scored(labels: np.ndarray, spacing: tuple[float, ...] | None) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """One-slice cases (2D data) are scored as images: a 3D surface of one slice is all boundary."""
+    if labels.shape[0] == 1:
+        return labels[0], spacing[-2:] if spacing else None
+    return labels, spacing
+
+
+def _case_spacing(volume: Volume, override: list[float] | None) -> tuple[tuple[float, ...] | None, str]:
+    if override:
+        return tuple(override), "mm"
+    if volume.spacing is not None:
+        return tuple(volume.spacing), "mm"
+    return None, "pixels" if volume.image.shape[0] == 1 else "voxels"
+
+
+def _csv_text(names: list[str], scores: list[list[ClassScore]], units: list[str], class_names: list[str]) -> str:
+    """The per-case contract: one row per case and foreground class; undefined distances empty."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for name, case_scores, unit in zip(names, scores, units):
+        for cls, s in zip(class_names, case_scores):
+            distances = ["" if d is None else repr(d) for d in (s.hd95_found, s.asd_found)]
+            writer.writerow([name, cls, repr(s.dice), repr(s.jaccard), *distances, int(s.missed), unit])
+    return out.getvalue()
+
+
+def eval_stem(split: str, data_dir: Path | None) -> str:
+    """Output name: ``eval_<split>`` on the run's own data, ``eval_<split>_<folder>`` on another dataset."""
+    return f"eval_{split}" + (f"_{Path(data_dir).name}" if data_dir else "")
+
+
 def evaluate_run(
-    run_dir: Path, split: str = "test", checkpoint: str = "best", device: str = "auto", spacing: list[float] | None = None
+    run_dir: Path,
+    split: str = "test",
+    checkpoint: str = "best",
+    device: str = "auto",
+    spacing: list[float] | None = None,
+    data_dir: Path | None = None,
+    save_predictions: bool = False,
 ) -> dict:
+    """Score ``split`` (of the run's data, or of the prepared dataset ``data_dir``); files go in run_dir,
+    named ``eval_<split>`` (``eval_<split>_<data folder name>`` with ``data_dir``)."""
     run_dir = Path(run_dir)
     cfg, predictor, state = load_run(run_dir, checkpoint)
     dev = select_device(device)
     predictor.to(dev)
-    volumes = load_split(cfg, split)
+    volumes = other_dataset_volumes(cfg, Path(data_dir), split) if data_dir else load_split(cfg, split)
     began = time.time()
     predictions = predict_volumes(predictor, volumes, cfg.train.image_size, cfg.eval.batch_size, dev, cfg.train.amp)
     predict_s = time.time() - began
-    spacing = spacing if spacing is not None else cfg.eval.spacing
-    # One-slice cases (2D datasets) are scored as images: a 3D surface of a single slice would
-    # count every foreground pixel as boundary.
-    def as_scored(labels):
-        return labels[0] if labels.shape[0] == 1 else labels
-
-    scores = [
-        score_volume(as_scored(pred), as_scored(vol.label), cfg.data.num_classes, tuple(spacing) if spacing else None)
-        for pred, vol in zip(predictions, volumes)
-    ]
+    override = spacing if spacing is not None else cfg.eval.spacing
+    scores, units = [], []
+    for pred, vol in zip(predictions, volumes):
+        case_spacing, unit = _case_spacing(vol, override)
+        labels, sampling = _scored(pred, case_spacing)
+        scores.append(score_volume(labels, _scored(vol.label, case_spacing)[0], cfg.data.num_classes, sampling))
+        units.append(unit)
     summary = aggregate(scores, cfg.data.class_names)
     summary.update(
         split=split,
+        data=str(data_dir) if data_dir else _data_name(cfg),
         checkpoint=checkpoint,
         checkpoint_step=state.get("step"),
         checkpoint_val_dice=state.get("val_dice"),
         predict_seconds=predict_s,
         total_seconds=time.time() - began,
-        units="mm" if spacing else "voxels",
+        units=units[0] if len(set(units)) == 1 else "mixed (see the CSV)",
     )
-    (run_dir / f"eval_{split}.json").write_text(json.dumps(summary, indent=2))
+    stem = eval_stem(split, data_dir)
+    if save_predictions:
+        folder = run_dir / f"predictions_{stem[len('eval_'):]}"
+        folder.mkdir(exist_ok=True)
+        scale = label_scale(run_rules(cfg)[1])
+        for pred, vol in zip(predictions, volumes):
+            write_labels(pred, vol, folder / prediction_filename(vol), scale)
+        summary["predictions"] = str(folder)
     header = (
-        f"# {run_dir.name}: {split} split, {len(volumes)} cases, checkpoint '{checkpoint}' "
-        f"(step {state.get('step')}, chosen on validation Dice {state.get('val_dice')})\n\n"
+        f"# {run_dir.name}: {split} split, {len(volumes)} cases of {summary['data']}, checkpoint '{checkpoint}' "
+        f"(step {state.get('step')}, chosen on validation Dice {state.get('val_dice')}); "
+        f"distances in {summary['units']}\n\n"
     )
-    (run_dir / f"eval_{split}.md").write_text(header + format_markdown(summary) + "\n")
+    outputs = {
+        ".json": json.dumps(summary, indent=2),
+        ".md": header + format_markdown(summary) + "\n",
+        ".csv": _csv_text([v.name for v in volumes], scores, units, cfg.data.class_names),
+    }
+    for suffix, text in outputs.items():
+        replace_atomically(run_dir / f"{stem}{suffix}", lambda tmp, text=text: tmp.write_text(text))
     return summary

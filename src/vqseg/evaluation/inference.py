@@ -7,6 +7,8 @@ nearest-neighbour staircase is introduced at the original resolution.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -15,21 +17,34 @@ from torch.nn import functional as F
 from vqseg.data.volumes import Volume
 
 
+def _probabilities(
+    model: nn.Module, image: np.ndarray, size: int, batch_size: int, device: torch.device, amp: bool
+) -> Iterator[torch.Tensor]:
+    """Class probabilities at the native size, chunk by chunk of slices (the one code path of inference)."""
+    slices = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    height, width = slices.shape[-2:]
+    for chunk in slices.split(batch_size):
+        x = F.interpolate(chunk.to(device), size=(size, size), mode="bilinear", align_corners=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        yield F.interpolate(logits.float().softmax(dim=1), size=(height, width), mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def predict_volume(
     model: nn.Module, image: np.ndarray, size: int, batch_size: int, device: torch.device, amp: bool = False
 ) -> np.ndarray:
     """``image`` D x C x H x W -> labels D x H x W (uint8)."""
-    slices = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    height, width = slices.shape[-2:]
-    out = []
-    for chunk in slices.split(batch_size):
-        x = F.interpolate(chunk.to(device), size=(size, size), mode="bilinear", align_corners=False)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        probs = F.interpolate(logits.float().softmax(dim=1), size=(height, width), mode="bilinear", align_corners=False)
-        out.append(probs.argmax(dim=1).to(torch.uint8).cpu())
-    return torch.cat(out).numpy()
+    chunks = _probabilities(model, image, size, batch_size, device, amp)
+    return torch.cat([probs.argmax(dim=1).to(torch.uint8).cpu() for probs in chunks]).numpy()
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module, image: np.ndarray, size: int, batch_size: int, device: torch.device, amp: bool = False
+) -> np.ndarray:
+    """``image`` D x C x H x W -> class probabilities D x K x H x W (float32); argmax = ``predict_volume``."""
+    return torch.cat([probs.cpu() for probs in _probabilities(model, image, size, batch_size, device, amp)]).numpy()
 
 
 def predict_volumes(

@@ -23,6 +23,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
+from vqseg.data.volumes import DataError
+
 Spacing = Sequence[float] | None
 
 _METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -342,35 +344,71 @@ def load_label_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, ...] |
     """Load an integer label volume from NIfTI (.nii/.nii.gz) or SSL4MIS-style HDF5.
 
     Returns ``(labels as int64, spacing)``; spacing comes from the NIfTI zooms
-    and is None for HDF5, which stores none.  Every failure is a ValueError that
+    and is None for HDF5, which stores none.  Every failure is a DataError that
     names the file, so a CLI can report it without a traceback.
     """
     path = Path(path)
     name = path.name.lower()
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found")
     if name.endswith((".nii", ".nii.gz")):
         reader = _read_nifti
     elif name.endswith((".h5", ".hdf5")):
         reader = _read_h5
     else:
-        raise ValueError(f"{path}: unknown extension (expected .nii, .nii.gz, .h5 or .hdf5)")
+        raise DataError(f"{path}: unknown extension (expected .nii, .nii.gz, .h5 or .hdf5)")
     try:
         data, spacing = reader(path)
     except _MissingDataset as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise DataError(f"{path}: {exc}") from None
     except Exception as exc:  # loaders raise many types (OSError, EOFError, ImageFileError, zlib.error...)
-        raise ValueError(f"{path}: cannot read file ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{path}: cannot read file ({type(exc).__name__}: {exc})") from None
 
     data = np.asarray(data)
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise ValueError(f"{path}: labels must be integers, found non-integer values")
+            raise DataError(f"{path}: not a label map: labels must be integers, found non-integer values")
     elif data.dtype.kind not in "biu":
-        raise ValueError(f"{path}: labels must be integers, found dtype {data.dtype}")
+        raise DataError(f"{path}: not a label map: labels must be integers, found dtype {data.dtype}")
     if data.size and data.min() < 0:
-        raise ValueError(f"{path}: labels must be non-negative, found {data.min()}")
+        raise DataError(f"{path}: not a label map: labels must be non-negative, found {data.min()}")
     return data.astype(np.int64), spacing
+
+
+# Without --num-classes, a file with more distinct values than this is taken for an intensity
+# image (a CT or MR volume given by mistake), not a label map: scoring it would report hundreds of
+# meaningless "classes". Segmentation label maps in this field have far fewer.
+MAX_INFERRED_LABELS = 32
+
+
+def _check_labels(path: str | Path, labels: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """The foreground labels of one file, refused when they cannot belong to a label map."""
+    present = np.unique(labels)
+    if num_classes is not None:
+        if present.size and present[-1] >= num_classes:
+            raise DataError(
+                f"{path}: not a label map for --num-classes {num_classes}: labels span 0..{present[-1]}"
+            )
+    elif present.size > MAX_INFERRED_LABELS:
+        raise DataError(
+            f"{path}: {present.size} distinct values (0..{present[-1]}) look like an intensity image, not a label "
+            f"map (more than {MAX_INFERRED_LABELS}); give --num-classes if it really holds that many classes"
+        )
+    return present[present > 0]
+
+
+def _header_spacing(
+    pred_path: str | Path, pred: tuple[float, ...] | None, gt_path: str | Path, gt: tuple[float, ...] | None
+) -> tuple[float, ...] | None:
+    """The files' own spacing: both headers must agree (a disagreement hints at a mismatched pair)."""
+    if pred is not None and gt is not None and not np.allclose(pred, gt, rtol=1e-4):
+        raise DataError(
+            f"voxel spacing differs between {pred_path} {pred} and {gt_path} {gt}; give --spacing explicitly"
+        )
+    spacing, path = (gt, gt_path) if gt is not None else (pred, pred_path)
+    if spacing is not None and not all(math.isfinite(z) and z > 0 for z in spacing):
+        raise DataError(f"{path}: header spacing {spacing} is not positive; give --spacing explicitly")
+    return spacing
 
 
 def compare_volumes(
@@ -381,34 +419,54 @@ def compare_volumes(
 ) -> dict:
     """Compare a predicted and a ground-truth label file class by class.
 
-    Distances are in voxels unless ``spacing`` is given: header spacing is not
-    applied implicitly, matching the voxel-unit SSL4MIS protocol.  Distances are
-    the honest ones (None when a class is absent from either file), since a
-    single comparison should not report a missed class as a perfect 0.
+    Scored classes are the foreground labels present in at least one file: a class absent from
+    both has nothing to score, and counting it as a perfect Dice would inflate the mean (it is
+    listed under ``absent``). Distances are in mm from ``spacing``, else from the NIfTI headers
+    (HDF5 stores none: voxels); ``units`` says which. Distances are the honest ones (None when a
+    class is missing from either file), since one comparison should not report a miss as 0.
     """
-    pred, _ = load_label_volume(pred_path)
-    gt, _ = load_label_volume(gt_path)
+    pred, pred_spacing = load_label_volume(pred_path)
+    gt, gt_spacing = load_label_volume(gt_path)
     if pred.shape != gt.shape:
-        raise ValueError(
+        raise DataError(
             f"shape mismatch: prediction {pred_path} has shape {pred.shape}, "
             f"ground truth {gt_path} has shape {gt.shape}"
         )
-    if num_classes is None:
-        num_classes = int(max(pred.max(initial=0), gt.max(initial=0))) + 1
-    scores = score_volume(pred, gt, num_classes, spacing)
-    classes = {
-        str(c): {"dice": s.dice, "jaccard": s.jaccard, "hd95": s.hd95_found, "asd": s.asd_found}
-        for c, s in enumerate(scores, start=1)
-    }
+    if num_classes is not None and num_classes < 2:
+        raise DataError(f"--num-classes {num_classes}: at least 2 (background and one class)")
+    labels = np.union1d(_check_labels(pred_path, pred, num_classes), _check_labels(gt_path, gt, num_classes))
+    if spacing is None:
+        spacing = _header_spacing(pred_path, pred_spacing, gt_path, gt_spacing)
+    try:
+        sampling = _check_spacing(spacing, pred.ndim)
+    except ValueError as err:
+        raise DataError(f"--spacing: {err}") from None
+    classes = {}
+    for c in labels.tolist():
+        s = _score_masks(pred == c, gt == c, sampling)
+        classes[str(c)] = {"dice": s.dice, "jaccard": s.jaccard, "hd95": s.hd95_found, "asd": s.asd_found}
     mean = {m: _mean_or_none([cls[m] for cls in classes.values()]) for m in _METRICS}
-    return {"classes": classes, "mean": mean}
+    absent = [c for c in range(1, num_classes) if str(c) not in classes] if num_classes is not None else []
+    return {
+        "classes": classes,
+        "mean": mean,
+        "absent": absent,
+        "units": "mm" if sampling else "voxels",
+        "spacing": list(sampling) if sampling else None,
+    }
 
 
 def format_compare(result: dict) -> str:
-    """Plain-text table of a ``compare_volumes`` result for terminal output."""
+    """Plain-text table of a ``compare_volumes`` result for terminal output, units stated."""
     lines = [f"{'class':<8}{'Dice':>10}{'Jaccard':>10}{'HD95':>10}{'ASD':>10}"]
     rows = list(result["classes"].items()) + [("mean", result["mean"])]
     for name, m in rows:
         cells = (_fmt(m["dice"], 4), _fmt(m["jaccard"], 4), _fmt(m["hd95"], 2), _fmt(m["asd"], 2))
         lines.append(f"{name:<8}" + "".join(f"{c:>10}" for c in cells))
+    unit = "mm, spacing " + " x ".join(f"{z:g}" for z in result["spacing"]) if result["units"] == "mm" else "voxels"
+    lines.append(f"distances in {unit}")
+    if not result["classes"]:
+        lines.append("no foreground label in either file: nothing to score")
+    if result["absent"]:
+        lines.append(f"not scored (in neither file): classes {', '.join(map(str, result['absent']))}")
     return "\n".join(lines)

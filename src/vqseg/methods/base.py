@@ -8,8 +8,9 @@ gradient averaging, validation, checkpoints. Adding a method is one small module
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -56,9 +57,9 @@ class Method(nn.Module):
         self.pdcr_proj: nn.Module | None = None
         if self.pdcr is not None and self.pdcr.cross_layer is not None:
             self.pdcr_proj = _cross_projection(self.student, self.pdcr, cfg)
-        # Hooks fire only under autograd, so a teacher deep-copied from the student (hooks
-        # included) never overwrites the student's tapped features.
-        self._tap = FeatureTap(self.student, self.pdcr.tapped_names(), grad_only=True) if self.pdcr else None
+        # The hooks record only inside pdcr_capture(), so a teacher deep-copied from the student
+        # (hooks included) or a later pass over another view never replaces the features PDCR uses.
+        self._tap = FeatureTap(self.student, self.pdcr.tapped_names(), on_demand=True) if self.pdcr else None
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError
@@ -73,6 +74,11 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook run after each optimiser step (EMA teachers update here)."""
 
+    def after_validation(self, step: int, score: float) -> None:
+        """Hook run on the validating process after each validation of :meth:`predictor` at ``step``
+        steps done (BCP keeps its best pre-trained student here); state it keeps must be in
+        ``state_dict`` so that a resumed run continues identically."""
+
     def predictor(self) -> nn.Module:
         """The network that validation and test use (the student unless a method says otherwise)."""
         return self.student
@@ -83,14 +89,23 @@ class Method(nn.Module):
     def progress(self, step: int) -> float:
         return step / max(self.cfg.train.iterations, 1)
 
+    def pdcr_capture(self, enabled: bool = True) -> ContextManager[object]:
+        """Wrap exactly the student pass whose hidden features the next :meth:`pdcr_term` uses.
+
+        Making the choice explicit keeps PDCR on the intended view whatever order a
+        ``training_step`` runs its passes in. A no-op when PDCR is off or ``enabled`` is false.
+        """
+        return self._tap.capture() if self._tap is not None and enabled else nullcontext()
+
     def pdcr_term(self, labels: Tensor, ignore: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """PDCR on the hidden features of the student's latest forward pass (zero when PDCR is off).
+        """PDCR on the hidden features captured by :meth:`pdcr_capture` (zero when PDCR is off).
 
         Layer names refer to the backbone built by the model factory (e.g. ``encoder.downs.3``),
         also when a method wraps it (VQ-Seg's quantized network).
 
-        ``labels`` cover every row of that pass; rows or pixels without a trustworthy label are
-        marked by ``ignore`` (unlabelled rows, low-confidence pseudo-labels).
+        ``labels`` cover every row of the captured pass; rows or pixels without a trustworthy label
+        are marked by ``ignore`` (unlabelled rows, low-confidence pseudo-labels). The captured
+        features are consumed: a second call needs a new capture.
         """
         if self.pdcr is None:
             return labels.new_zeros((), dtype=torch.float32), {}
@@ -120,14 +135,44 @@ def dice_loss(logits: Tensor, target: Tensor, num_classes: int, ignore: Tensor |
     return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
 
 
+def masked_ce(logits: Tensor, target: Tensor, ignore: Tensor | None = None, normalise: str = "confident") -> Tensor:
+    """Pixel CE summed over the kept pixels (``ignore`` false), divided by the kept count
+    (``confident``) or by every pixel (``valid``, UniMatch V2 / VQ-Seg code: while few pixels pass
+    the threshold the loss stays small, a built-in ramp-up)."""
+    if ignore is None:
+        return F.cross_entropy(logits.float(), target)
+    ce_map = F.cross_entropy(logits.float(), target, reduction="none")
+    kept = (~ignore).float()
+    if normalise == "confident":
+        return (ce_map * kept).sum() / kept.sum().clamp(min=1)
+    if normalise == "valid":
+        return (ce_map * kept).sum() / kept.numel()
+    raise ValueError(f"unknown CE normalisation {normalise!r}; choose confident or valid")
+
+
 def seg_loss(logits: Tensor, target: Tensor, num_classes: int, ignore: Tensor | None = None) -> Tensor:
     """(CE + Dice) / 2, the supervised loss of SSL4MIS, UniMatch and BCP on ACDC."""
-    if ignore is None:
-        ce = F.cross_entropy(logits.float(), target)
-    else:
-        ce_map = F.cross_entropy(logits.float(), target, reduction="none")
-        ce = (ce_map * (~ignore).float()).sum() / (~ignore).float().sum().clamp(min=1)
-    return 0.5 * (ce + dice_loss(logits, target, num_classes, ignore))
+    return 0.5 * (masked_ce(logits, target, ignore) + dice_loss(logits, target, num_classes, ignore))
+
+
+U_LOSSES = ("ce", "ce_dice")
+U_NORMALISATIONS = ("valid", "confident")
+
+
+def unlabeled_loss(
+    logits: Tensor, pseudo: Tensor, num_classes: int, ignore: Tensor, loss: str = "ce", normalise: str = "valid"
+) -> Tensor:
+    """Loss against pseudo-labels with unconfident pixels (``ignore``) masked out.
+
+    ``ce``: the masked CE alone (the VQ-Seg paper and its released code); ``ce_dice``: (CE +
+    masked Dice) / 2, the labelled loss of the ACDC protocol. ``normalise``: see `masked_ce`.
+    """
+    ce = masked_ce(logits, pseudo, ignore, normalise)
+    if loss == "ce":
+        return ce
+    if loss == "ce_dice":
+        return 0.5 * (ce + dice_loss(logits, pseudo, num_classes, ignore))
+    raise ValueError(f"unknown unlabelled loss {loss!r}; choose from {U_LOSSES}")
 
 
 class Supervised(Method):
@@ -137,7 +182,9 @@ class Supervised(Method):
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         images, labels, _ = self.augment.geometric(batch.labeled, batch.labels)
-        loss_sup = seg_loss(self.student(images), labels, self.num_classes)
+        with self.pdcr_capture():
+            logits = self.student(images)
+        loss_sup = seg_loss(logits, labels, self.num_classes)
         loss_pdcr, logs = self.pdcr_term(labels)
         return StepOutput(loss_sup + loss_pdcr, {"loss_sup": loss_sup.detach(), **logs})
 
@@ -184,7 +231,7 @@ def sigmoid_rampup(progress: float, length: float) -> float:
 def labeled_pdcr(
     method: Method, labels: Tensor, unlabeled_rows: int, unlabeled_logits: Tensor | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PDCR on a student pass over the labelled rows followed by ``unlabeled_rows`` unlabelled rows.
+    """PDCR on the captured student pass over the labelled rows then ``unlabeled_rows`` unlabelled rows.
 
     The unlabelled rows are ignored unless ``pdcr.unlabeled`` is set and predictions for them are
     given (a teacher's, a peer's or the weak view's): then their confident pseudo-labels

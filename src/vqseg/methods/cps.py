@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vqseg.config import MethodConfig
+from vqseg.config import MethodConfig, check_range
 from vqseg.methods.base import Batch, Method, StepOutput, labeled_pdcr, seg_loss, sigmoid_rampup
 
 
@@ -29,6 +29,10 @@ class CPSConfig(MethodConfig):
     name: str = "cps"
     consistency: float = 0.1
     consistency_rampup: float = 1.0  # fraction of train.iterations
+
+    def __post_init__(self) -> None:
+        check_range("method.consistency", self.consistency, 0)
+        check_range("method.consistency_rampup", self.consistency_rampup, 0)
 
 
 def init_conv_weights(model: nn.Module, init: Callable[[Tensor], Tensor]) -> None:
@@ -55,8 +59,9 @@ class CPS(Method):
         u, _, _ = self.augment.geometric(batch.unlabeled)
         n_l = x_l.shape[0]
         inputs = torch.cat([x_l, u])
-        logits_1 = self.student(inputs)
-        logits_2 = self.peer(inputs)  # a separate network: the student's feature taps are untouched
+        with self.pdcr_capture():
+            logits_1 = self.student(inputs)
+        logits_2 = self.peer(inputs)
         loss_pdcr, logs = labeled_pdcr(self, y_l, u.shape[0], logits_2[n_l:].detach())
 
         loss_sup_1 = seg_loss(logits_1[:n_l], y_l, self.num_classes)

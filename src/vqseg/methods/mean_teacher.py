@@ -17,9 +17,11 @@ consistency_rampup 200, consistency_type mse, noise clamp(randn * 0.1, -0.2, 0.2
   ``train.iterations``) defaults to 1.0. SSL4MIS also zeroes the consistency term for the first
   1000 iterations, where the ramp is below 1e-3 of lambda anyway; that step is not reproduced.
 
-Deviations forced by the engine: the teacher predicts in eval mode (SSL4MIS leaves it in train
-mode, so its batch norm uses batch statistics and its dropout is active) and takes the student's
-batch-norm statistics at every EMA update. Evaluation uses the student, as SSL4MIS does.
+Deviation forced by the engine: the teacher predicts in eval mode (SSL4MIS leaves it in train
+mode, so its batch norm uses batch statistics and its dropout is active), with batch-norm running
+statistics that are an exponential moving average of the student's, updated with the weights
+(``engine.ema.ema_update``; SSL4MIS averages parameters only). Evaluation uses the student, as
+SSL4MIS does. PDCR, when configured, reads the student's pass over labelled + unlabelled rows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from vqseg.config import MethodConfig
+from vqseg.config import MethodConfig, check_range
 from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import Batch, Method, StepOutput, labeled_pdcr, seg_loss, sigmoid_rampup
 
@@ -44,6 +46,11 @@ class MeanTeacherConfig(MethodConfig):
     noise_std: float = 0.1
     noise_clip: float = 0.2
     student_noise: bool = False
+
+    def __post_init__(self) -> None:
+        check_range("method.ema_decay", self.ema_decay, 0, 1)
+        for key in ("consistency", "consistency_rampup", "noise_std", "noise_clip"):
+            check_range(f"method.{key}", getattr(self, key), 0)
 
 
 class MeanTeacher(Method):
@@ -64,7 +71,8 @@ class MeanTeacher(Method):
         x_l, y_l, _ = self.augment.geometric(batch.labeled, batch.labels)
         u, _, _ = self.augment.geometric(batch.unlabeled)
         n_l = x_l.shape[0]
-        logits = self.student(torch.cat([x_l, self._noisy(u) if self.params.student_noise else u]))
+        with self.pdcr_capture():
+            logits = self.student(torch.cat([x_l, self._noisy(u) if self.params.student_noise else u]))
         loss_sup = seg_loss(logits[:n_l], y_l, self.num_classes)
         with torch.no_grad():
             teacher_logits = self.teacher(self._noisy(u))

@@ -22,7 +22,8 @@ pass already computed, so no extra forward pass is needed; those pseudo-labels c
 train-mode network, like UniMatch's own (non-pasted) pseudo-labels.
 
 The clean and the perturbed features are decoded in two passes (UniMatch decodes both, labelled
-rows included, in one batch), so a PDCR tap on the decoder sees the clean pass only.
+rows included, in one batch). PDCR, when configured, reads the clean encoder + decoder pass over
+labelled and weak unlabelled rows (captured explicitly), never the perturbed or strong passes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from vqseg.config import MethodConfig
+from vqseg.config import MethodConfig, check_range
 from vqseg.methods.base import (
     Batch,
     Method,
@@ -54,6 +55,12 @@ class UniMatchConfig(MethodConfig):
     weight_strong: float = 0.25  # per strong view
     weight_fp: float = 0.5
 
+    def __post_init__(self) -> None:
+        check_range("method.conf_thresh", self.conf_thresh, 0, 1)
+        check_range("method.fp_dropout", self.fp_dropout, 0, 1, high_open=True)
+        check_range("method.weight_strong", self.weight_strong, 0)
+        check_range("method.weight_fp", self.weight_fp, 0)
+
 
 class UniMatch(Method):
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
@@ -67,8 +74,9 @@ class UniMatch(Method):
         views2 = strong_view(self.augment, views1.weak, views1.theta)
         n_l, n_u = x_l.shape[0], views1.weak.shape[0]
 
-        features = self.student.encode(torch.cat([x_l, views1.weak]))
-        logits_x, logits_w = self.student.decode(features).split([n_l, n_u])
+        with self.pdcr_capture():
+            features = self.student.encode(torch.cat([x_l, views1.weak]))
+            logits_x, logits_w = self.student.decode(features).split([n_l, n_u])
         loss_pdcr, logs = labeled_pdcr(self, y_l, n_u, logits_w)
         logits_fp = self.student.decode([F.dropout2d(f[n_l:], p.fp_dropout, training=True) for f in features])
         logits_s1, logits_s2 = self.student(torch.cat([views1.strong, views2.strong])).chunk(2)

@@ -6,6 +6,8 @@
 - L_u: the student on the strong view of unlabelled slices, with its code indices perturbed by
   QPM (or by feature dropout, for the paper's comparison), against the EMA teacher's argmax on
   the weak view (pixels under ``threshold`` confidence ignored; 0 keeps all, as in the paper).
+  By default the masked CE summed over kept pixels and divided by all pixels, as the released
+  code (``u_loss``, ``u_normalise``). QPM's jumps are logged at logging steps (``vq*_jump_*``).
 - L_rec: L1 image reconstruction from the post-VQ bottleneck (dual branch), unperturbed passes.
 - L_align: patch InfoNCE between the post-VQ map (PFA: resize + 1x1 conv) and a frozen foundation
   model's features of the same view. Features are computed once per training slice and warped
@@ -13,6 +15,8 @@
 - L_vq: codebook + beta * commitment of every quantizer.
 
 ``ablation`` presets reproduce the paper's table rows: base (VQ only), qpm, qpm_db, qpm_pfa, all.
+Defaults depart from the paper where its values collapsed here: lambda_align 1 (paper 5) and a
+20 % sigmoid ramp-up of lambda_u (paper none), and QPM's temperature is relative (see qpm.py).
 
 Choices where the paper is silent, for a batch-norm CNN backbone (the paper uses DINOv2): the
 backbone's dropout is off and the perturbed pass does not update batch-norm running statistics
@@ -28,10 +32,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vqseg.config import MethodConfig, resolve_path
+from vqseg.config import ConfigError, MethodConfig, check_range, resolve_path
 from vqseg.data.augment import Augmenter
 from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import (
+    U_LOSSES,
+    U_NORMALISATIONS,
     Batch,
     Method,
     StepOutput,
@@ -39,10 +45,11 @@ from vqseg.methods.base import (
     make_unlabeled_views,
     seg_loss,
     sigmoid_rampup,
+    unlabeled_loss,
 )
 from vqseg.models import frozen_running_stats
 from vqseg.models.vq_net import VQSegNet
-from vqseg.modules.qpm import QPM
+from vqseg.modules.qpm import DEFAULT_TEMPERATURE, QPM
 
 ABLATIONS = {
     "base": {"perturbation": "none", "dual_branch": False, "pfa": False},
@@ -59,7 +66,7 @@ class VQSegConfig(MethodConfig):
     ablation: str = ""  # one of ABLATIONS: sets perturbation / dual_branch / pfa (a clash is an error)
     perturbation: str | None = None  # qpm | shuffle | dropout | none; unset: the preset's, else qpm
     eps: float = 0.7  # QPM strength
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE  # in units of each code's nearest-neighbour distance
     dropout: float = 0.5  # rate of the `dropout` perturbation mode
     codebook_size: int = 16384
     vq_levels: list[int] = field(default_factory=lambda: [-1])
@@ -78,16 +85,19 @@ class VQSegConfig(MethodConfig):
     ema_decay: float = 0.99
     threshold: float = 0.95  # as the released code; 0 keeps every pixel (the paper)
     cutmix: bool = True
+    u_loss: str = "ce"  # ce (paper and released code) | ce_dice
+    u_normalise: str = "valid"  # CE over all pixels (released code) | confident (over kept pixels)
     lambda_u: float = 1.0
-    u_rampup: float = 0.0  # sigmoid ramp-up of lambda_u over this fraction of training (0 = paper)
+    u_rampup: float = 0.2  # sigmoid ramp-up of lambda_u over this fraction of training (paper: 0)
     lambda_rec: float = 1.0
-    lambda_align: float = 5.0
+    lambda_align: float = 1.0  # paper: 5, which collapsed on the CPU schedule (results/failed/)
     lambda_vq: float = 1.0
     eval_teacher: bool = False  # validate/test with the EMA teacher instead of the student
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         if self.ablation and self.ablation not in ABLATIONS:
-            raise ValueError(f"method.ablation={self.ablation!r}; choose from {sorted(ABLATIONS)}")
+            raise ConfigError(f"method.ablation={self.ablation!r}; choose from {sorted(ABLATIONS)}")
         if self.pfa is None and not self.ablation and self.foundation == "none":
             self.pfa = False
         # Unset switches take the preset's value (no preset: the full method); a set one must agree
@@ -97,14 +107,32 @@ class VQSegConfig(MethodConfig):
             if given is None:
                 setattr(self, key, value)
             elif self.ablation and given != value:
-                raise ValueError(
+                raise ConfigError(
                     f"method.ablation={self.ablation} sets method.{key}={value}, but method.{key}={given} "
                     "was also given; drop one of the two"
                 )
         if self.perturbation not in ("qpm", "shuffle", "dropout", "none"):
-            raise ValueError(f"method.perturbation={self.perturbation!r}; choose qpm, shuffle, dropout or none")
+            raise ConfigError(f"method.perturbation={self.perturbation!r}; choose qpm, shuffle, dropout or none")
         if self.pfa and self.foundation == "none":
-            raise ValueError("method.pfa needs a foundation model but method.foundation=none; set method.pfa=false")
+            raise ConfigError("method.pfa needs a foundation model but method.foundation=none; set method.pfa=false")
+        if self.u_loss not in U_LOSSES:
+            raise ConfigError(f"method.u_loss={self.u_loss!r}; choose from {list(U_LOSSES)}")
+        if self.u_normalise not in U_NORMALISATIONS:
+            raise ConfigError(f"method.u_normalise={self.u_normalise!r}; choose from {list(U_NORMALISATIONS)}")
+
+    def _check_ranges(self) -> None:
+        """Every numeric setting, so that a bad value stops the run at start-up."""
+        for key in ("eps", "threshold", "ema_decay", "u_rampup"):
+            check_range(f"method.{key}", getattr(self, key), 0, 1)
+        for key in ("temperature", "pfa_tau"):
+            check_range(f"method.{key}", getattr(self, key), 0, low_open=True)
+        for key in ("beta", "code_dim", "foundation_input", "lambda_u", "lambda_rec", "lambda_align", "lambda_vq"):
+            check_range(f"method.{key}", getattr(self, key), 0)
+        check_range("method.dropout", self.dropout, 0, 1, high_open=True)
+        check_range("method.codebook_size", self.codebook_size, 2)  # QPM jumps between two codes at least
+        check_range("method.pfa_samples", self.pfa_samples, 1)
+        if not self.vq_levels:
+            raise ConfigError("method.vq_levels is empty; give at least one encoder level to quantize (-1: deepest)")
 
 
 class VQSeg(Method):
@@ -167,7 +195,8 @@ class VQSeg(Method):
         # reconstruction or alignment branches have something to learn from them.
         needs_unlabeled_clean = p.dual_branch or p.pfa
         clean_input = torch.cat([x_l, views.weak]) if needs_unlabeled_clean else x_l
-        clean = self.student.run(clean_input, reconstruct=p.dual_branch)
+        with self.pdcr_capture():
+            clean = self.student.run(clean_input, reconstruct=p.dual_branch)
         n_l = x_l.shape[0]
         loss_sup = seg_loss(clean.logits[:n_l], y_l, self.num_classes)
         unlabeled_rows = torch.ones(clean_input.shape[0] - n_l, *y_l.shape[1:], dtype=torch.bool, device=y_l.device)
@@ -177,9 +206,10 @@ class VQSeg(Method):
         )
 
         dropout = p.dropout if p.perturbation == "dropout" else 0.0
-        with frozen_running_stats(self.student):  # a batch-norm U-Net, unlike the paper's ViT
+        # Frozen statistics: a batch-norm U-Net, unlike the paper's ViT. PDCR on pseudo-labels reads this pass.
+        with frozen_running_stats(self.student), self.pdcr_capture(self.cfg.pdcr.unlabeled):
             perturbed = self.student.run(views.strong, perturb=self.perturb, dropout=dropout)
-        loss_u = seg_loss(perturbed.logits, pseudo, self.num_classes, ignore)
+        loss_u = unlabeled_loss(perturbed.logits, pseudo, self.num_classes, ignore, p.u_loss, p.u_normalise)
         loss_pdcr_u, pdcr_u_logs = self.pseudo_label_pdcr(pseudo, ignore)
         loss_vq = 0.5 * (clean.vq_loss + perturbed.vq_loss)
 
@@ -210,6 +240,8 @@ class VQSeg(Method):
             logs["loss_align"] = loss_align.detach()
         if (step + 1) % self.cfg.train.log_every == 0:
             logs.update(self.student.code_usage())
+            if self.perturb is not None:
+                logs.update(self.student.jump_stats(perturbed))
         return StepOutput(loss, logs)
 
     def after_step(self, step: int) -> None:

@@ -1,8 +1,9 @@
 """Segmentation networks as encoder/decoder pairs behind a small registry.
 
 A backbone registers a builder returning a :class:`SegmentationModel`; methods only rely on
-``encode`` (a list of feature maps, deepest last), ``decode`` and ``make_decoder`` (a fresh
-decoder with another output width, e.g. VQ-Seg's reconstruction branch).
+``encode`` (a list of feature maps, deepest last), ``decode`` and ``feature_channels``. Extra
+heads are built by the methods from ``feature_channels`` (VQ-Seg's reconstruction branch decodes
+the bottleneck alone, which a backbone's skip-connected decoder could not do).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from vqseg.models.unet import UNetDecoder, UNetEncoder
 
 
 class SegmentationModel(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, decoder_factory: Callable[[int], nn.Module]) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self._decoder_factory = decoder_factory
 
     @property
     def feature_channels(self) -> list[int]:
@@ -32,9 +32,6 @@ class SegmentationModel(nn.Module):
 
     def decode(self, features: list[Tensor]) -> Tensor:
         return self.decoder(features)
-
-    def make_decoder(self, out_channels: int) -> nn.Module:
-        return self._decoder_factory(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -64,10 +61,8 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> Segment
 
 @register_model("unet")
 def _unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
-    def decoder(out_channels: int) -> nn.Module:
-        return UNetDecoder(cfg.channels, out_channels)
-
-    return SegmentationModel(UNetEncoder(in_channels, cfg.channels, cfg.dropout), decoder(num_classes), decoder)
+    encoder = UNetEncoder(in_channels, cfg.channels, cfg.dropout)
+    return SegmentationModel(encoder, UNetDecoder(cfg.channels, num_classes))
 
 
 @contextmanager

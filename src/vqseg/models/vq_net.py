@@ -9,13 +9,16 @@ alone: with U-Net skips available it could copy the input from the first skip an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vqseg.config import ConfigError
 from vqseg.models import SegmentationModel
+from vqseg.modules.qpm import jump_stats
 from vqseg.modules.vq import VectorQuantizer, VQOutput
 
 Perturb = Callable[[Tensor, Tensor], Tensor]
@@ -28,6 +31,7 @@ class VQForward:
     vq_loss: Tensor
     perplexity: Tensor
     recon: Tensor | None = None
+    codes: dict[str, VQOutput] = field(default_factory=dict)  # per quantized level, for monitoring
 
 
 class BottleneckDecoder(nn.Sequential):
@@ -89,6 +93,8 @@ class VQSegNet(nn.Module):
         self.base = base
         channels = base.feature_channels
         depth = len(channels)
+        if not all(-depth <= level < depth for level in levels):
+            raise ConfigError(f"method.vq_levels={levels}: this backbone has levels 0..{depth - 1} (or -{depth}..-1)")
         self.levels = sorted({level % depth for level in levels})
         self.quantizers = nn.ModuleDict({
             str(level): FactorizedQuantizer(channels[level], code_dim, codebook_size, beta, cosine)
@@ -101,8 +107,10 @@ class VQSegNet(nn.Module):
     ) -> VQForward:
         features = self.base.encode(x)
         vq_loss, perplexity, post_vq = x.new_zeros(()), x.new_zeros(()), features[-1]
+        codes: dict[str, VQOutput] = {}
         for level in self.levels:
             out = self.quantizers[str(level)](features[level], perturb=perturb)
+            codes[str(level)] = out
             vq_loss = vq_loss + out.loss
             perplexity = perplexity + out.perplexity / len(self.levels)
             post_vq = out.quantized
@@ -110,7 +118,7 @@ class VQSegNet(nn.Module):
         recon = None
         if reconstruct and self.recon_decoder is not None:
             recon = F.interpolate(self.recon_decoder(features[-1]), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return VQForward(self.base.decode(features), post_vq, vq_loss, perplexity, recon)
+        return VQForward(self.base.decode(features), post_vq, vq_loss, perplexity, recon, codes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x).logits
@@ -121,4 +129,14 @@ class VQSegNet(nn.Module):
             for key, value in quantizer.usage().items():
                 stats[f"vq{name}_{key}"] = value
             quantizer.reset_usage()
+        return stats
+
+    @torch.no_grad()
+    def jump_stats(self, forward: VQForward) -> dict[str, float]:
+        """What the perturbation of a pass did to each quantized level (see `qpm.jump_stats`); syncs."""
+        stats: dict[str, float] = {}
+        for name, out in forward.codes.items():
+            codebook = self.quantizers[name].vq.codebook.detach()
+            for key, value in jump_stats(out.indices, out.used_indices, codebook).items():
+                stats[f"vq{name}_jump_{key}"] = value
         return stats

@@ -7,7 +7,8 @@ before wrapping a model in DDP: DDP registers its parameters when it is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -101,15 +102,21 @@ def _device_of(module: nn.Module, example_input: Tensor | None) -> torch.device:
 
 
 class FeatureTap:
-    """Forward hooks that keep the latest output of named submodules, e.g. to compute PDCR on them.
+    """Forward hooks that keep the output of named submodules, e.g. to compute PDCR on them.
 
     ``tap[name]`` returns the stored output (the module's output as is, graph attached). Use as a
     context manager or call ``remove()``; ``clear()`` drops stored tensors (and their graphs).
+
+    With ``on_demand`` the hooks record only inside ``with tap.capture():``, so the code names the
+    one pass whose features are used; passes before or after it (another view, an EMA teacher
+    deep-copied with the hooks) cannot replace them. A layer that fires twice inside one capture
+    is an error: which of the two outputs was meant would be ambiguous.
     """
 
-    def __init__(self, model: nn.Module, layer_names: list[str], grad_only: bool = False) -> None:
+    def __init__(self, model: nn.Module, layer_names: list[str], on_demand: bool = False) -> None:
         self.model = model
-        self.grad_only = grad_only  # skip passes run under no_grad (e.g. a deep-copied EMA teacher)
+        self.on_demand = on_demand
+        self._recording = not on_demand
         self.features: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
         for name in dict.fromkeys(layer_names):
@@ -119,15 +126,30 @@ class FeatureTap:
 
     def _store(self, key: str) -> Callable[[nn.Module, tuple[object, ...], Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> None:
-            if torch.is_grad_enabled() or not self.grad_only:
-                self.features[key] = output
+            if not self._recording:
+                return
+            if self.on_demand and key in self.features:
+                raise RuntimeError(f"{key!r} ran twice inside one feature capture; capture exactly one pass")
+            self.features[key] = output
 
         return hook
+
+    @contextmanager
+    def capture(self) -> Iterator[FeatureTap]:
+        """Record the outputs of the pass(es) run inside this block only, replacing earlier ones."""
+        if not self.on_demand:
+            raise RuntimeError("capture() needs a FeatureTap built with on_demand=True")
+        self.clear()
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
 
     def __getitem__(self, name: str) -> Tensor:
         key = _canonical(self.model, resolve_name(self.model, name))
         if key not in self.features:
-            raise KeyError(f"no output stored for {name!r}: is it tapped, and has the model run since?")
+            raise KeyError(f"no output stored for {name!r}: is it tapped, and has the model run (in capture()) since?")
         return self.features[key]
 
     def clear(self) -> None:

@@ -18,6 +18,7 @@ class VQOutput(NamedTuple):
 
     quantized: Tensor  # B x C x H x W, straight-through w.r.t. the input
     indices: Tensor  # B x H x W, nearest codes (before any perturbation)
+    used_indices: Tensor  # B x H x W, the codes in ``quantized`` (``indices`` unless perturbed)
     loss: Tensor  # codebook + beta * commitment, 0-dim
     perplexity: Tensor  # of this batch's code histogram, 0-dim
 
@@ -96,7 +97,7 @@ class VectorQuantizer(nn.Module):
             counts = torch.zeros_like(self.code_counts).index_add_(0, flat_indices, torch.ones_like(flat_indices))
             if self.training:
                 self.code_counts += counts
-        return VQOutput(quantized, indices, loss, _perplexity(counts))
+        return VQOutput(quantized, indices, out_indices, loss, _perplexity(counts))
 
     @torch.no_grad()
     def usage(self) -> dict[str, float]:

@@ -1,0 +1,345 @@
+"""``vqseg prepare DATA_DIR``: verify a user's dataset, summarise it, write its split; and read it back.
+
+The format is detected from the folder (``dataset.json`` -> nnU-Net v2 raw, ``images/`` +
+``masks/`` -> image folder). Verification follows nnU-Net's ``--verify_dataset_integrity``: every
+file readable, image and label of one shape and geometry, labels within the declared ones, no
+NaN/Inf. What it detects (format, classes, channels, mask encoding, intensity rule) is written
+with the split to ``DATA_DIR/vqseg_splits.json``; training (``data.dataset: prepared``) and
+evaluation read only that file and the data, so they never guess again.
+
+Splits: labelled cases are shuffled by group (``--group REGEX``: cases whose names give the same
+key, the first regex group or else the whole match, are never split apart) with ``--seed``; test
+takes the first groups, validation the next, training the rest; ``--labeled`` picks the training
+groups that keep their labels, in the same order. Cases without a label are always unlabelled
+training data. The same arguments give the same split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vqseg.config import Config, ConfigError, DataConfig, resolve_path
+from vqseg.data import imagefolder, nnunet
+from vqseg.data.casefiles import Case, check_geometry, decode_labels, read_case, read_file, read_images
+from vqseg.data.volumes import DataError, SegmentationData, Volume, stack_slices
+
+SPLIT_FILE = "vqseg_splits.json"
+SPLITS = ("labeled", "unlabeled", "val", "test")
+INFO_KEYS = ("format", "num_classes", "class_names", "in_channels", "label_encoding", "mask_max", "intensity")
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset: what prepare detected, its cases and its split."""
+
+    root: Path
+    info: dict
+    cases: dict[str, Case]
+    splits: dict[str, list[str]]
+
+    def volumes(self, split: str, intensity: str | None = None) -> list[Volume]:
+        """The split's cases read with the dataset's own intensity rule, or a run's (cross-dataset)."""
+        return [
+            read_case(
+                self.cases[name],
+                intensity or self.info["intensity"],
+                self.info["label_encoding"],
+                self.info["num_classes"],
+                self.info["mask_max"],
+                with_label=split != "unlabeled",
+            )
+            for name in self.splits[split]
+        ]
+
+
+def _list(root: Path) -> tuple[str, dict[str, Case], dict]:
+    """Format, cases and what the format itself declares (nnU-Net: classes and channels)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder does not exist")
+    if nnunet.is_nnunet(root):
+        spec = nnunet.read_dataset_json(root)
+        return "nnunet", nnunet.list_cases(root, spec), spec
+    if imagefolder.is_image_folder(root):
+        return "imagefolder", imagefolder.list_cases(root), {}
+    raise DataError(
+        f"{root}: neither an nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/) "
+        "nor an image folder (images/ + masks/)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification and summary
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Survey:
+    info: dict
+    cases: dict[str, Case]
+    lines: list[str]
+
+
+def survey(root: Path) -> Survey:
+    """Read every file once: integrity checks, detected settings and the summary lines."""
+    fmt, cases, spec = _list(root)
+    channels: int | None = spec.get("channels")
+    mask_values: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+    all_uint8, slices, low, high = True, 0, np.inf, -np.inf
+    spacings, sizes = [], []
+    for case in cases.values():
+        raw = read_images(case)
+        found = raw.array.shape[1]
+        if channels is None:
+            channels = found
+        if found != channels:
+            source = "dataset.json declares" if fmt == "nnunet" else "other cases have"
+            raise DataError(f"{case.images[0]}: {found} channel(s) but {source} {channels}")
+        all_uint8 &= raw.array.dtype == np.uint8 and raw.geometry.affine is None
+        slices += raw.array.shape[0]
+        low, high = min(low, float(raw.array.min())), max(high, float(raw.array.max()))
+        sizes.append(raw.array.shape[-2:])
+        if raw.spacing is not None:
+            spacings.append(raw.spacing)
+        if case.label is not None:
+            stored = read_file(case.label, mask=True)
+            check_geometry(raw, stored, "label")
+            mask_values[case.label] = np.unique(stored.array, return_counts=True)
+    labelled = [c for c in cases.values() if c.label is not None]
+    if not labelled:
+        raise DataError(f"{root}: no case has a label; at least the validation cases need one")
+    if fmt == "nnunet":
+        encoding, num_classes, mask_max = "labels", spec["num_classes"], spec["num_classes"] - 1
+        names, described = spec["class_names"], "label maps declared in dataset.json"
+    else:
+        encoding, num_classes, mask_max, described = imagefolder.detect_encoding(mask_values)
+        names = ["foreground"] if num_classes == 2 else [f"class_{k}" for k in range(1, num_classes)]
+    frequency = np.zeros(num_classes)
+    for path, (values, counts) in mask_values.items():
+        decoded = decode_labels(values, encoding, num_classes, mask_max, path)
+        frequency += np.bincount(decoded, weights=counts, minlength=num_classes)
+    info = {
+        "format": fmt,
+        "num_classes": num_classes,
+        "class_names": names,
+        "in_channels": channels,
+        "label_encoding": encoding,
+        "mask_max": mask_max,
+        "intensity": "divide255" if all_uint8 else "percentile",
+    }
+    share = ", ".join(f"{n} {100 * f / frequency.sum():.2f} %" for n, f in zip(["background", *names], frequency))
+    rule = "divided by 255" if all_uint8 else "clipped to the 0.5-99.5 percentiles, then min-max to [0, 1], per case and channel"
+    lines = [
+        f"dataset: {root} ({'nnU-Net v2 raw, ' + spec['file_ending'] if fmt == 'nnunet' else 'image folder'})",
+        f"cases: {len(cases)} ({len(labelled)} with labels, {len(cases) - len(labelled)} without), slices: {slices}",
+        f"channels: {channels}",
+        f"classes ({num_classes}, voxel frequency): {share}",
+        f"mask encoding: {described}",
+        f"image size (H x W): {_range([s[0] for s in sizes])} x {_range([s[1] for s in sizes])}",
+        "spacing: "
+        + (
+            " x ".join(_range([s[i] for s in spacings], "{:.3g}") for i in range(3)) + " mm (slice axis, then in-plane)"
+            if spacings
+            else "none stored: distances are in pixels"
+        ),
+        f"intensity: {low:.4g} .. {high:.4g}, {rule}",
+    ]
+    return Survey(info, cases, lines)
+
+
+def _range(values: list, fmt: str = "{}") -> str:
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_amount(text: str, total: int, option: str) -> int:
+    """``N`` (cases) or ``P%`` of ``total`` (rounded, at least one when P > 0)."""
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:
+                raise ValueError
+            return max(1, round(total * percent / 100)) if percent > 0 else 0
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise DataError(f"{option}={text!r}: expected a case count N or a percentage P% (0-100)") from None
+
+
+def _group_key(name: str, pattern: re.Pattern | None) -> str:
+    if pattern is None:
+        return name
+    match = pattern.search(name)
+    if match is None:
+        raise DataError(f"--group {pattern.pattern!r} does not match case {name!r}")
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def make_split(
+    cases: dict[str, Case], labeled: str, val: str, test: str, seed: int, group: str | None
+) -> dict[str, list[str]]:
+    """Deterministic group-aware split of the labelled cases; label-less cases are unlabelled data."""
+    try:
+        pattern = re.compile(group) if group else None
+    except re.error as err:
+        raise DataError(f"--group {group!r} is not a valid regular expression ({err})") from None
+    with_label = sorted(n for n, c in cases.items() if c.label is not None)
+    groups: dict[str, list[str]] = {}
+    for name in with_label:
+        groups.setdefault(_group_key(name, pattern), []).append(name)
+    keys = sorted(groups)
+    order = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+    n = len(with_label)
+    wanted = {"test": parse_amount(test, n, "--test"), "val": parse_amount(val, n, "--val")}
+    parts: dict[str, list[str]] = {"test": [], "val": [], "train": []}
+    for key in order:
+        target = next((s for s in ("test", "val") if len(parts[s]) < wanted[s]), "train")
+        parts[target].extend(groups[key])
+    if not parts["val"]:
+        raise DataError(f"--val={val!r}: the validation split would be empty (it chooses the checkpoint)")
+    if not parts["train"]:
+        raise DataError(f"--val={val!r} and --test={test!r} leave no labelled case for training ({n} labelled cases)")
+    train_groups = [k for k in order if groups[k][0] in parts["train"]]
+    count = parse_amount(labeled, len(parts["train"]), "--labeled")
+    if not 1 <= count <= len(parts["train"]):
+        raise DataError(f"--labeled={labeled!r} but the training split has {len(parts['train'])} labelled cases")
+    kept: list[str] = []
+    for key in train_groups:
+        if len(kept) < count:
+            kept.extend(groups[key])
+    unlabeled = [n for n in parts["train"] if n not in kept] + sorted(n for n, c in cases.items() if c.label is None)
+    return {"labeled": sorted(kept), "unlabeled": sorted(unlabeled), "val": sorted(parts["val"]), "test": sorted(parts["test"])}
+
+
+def prepare(
+    root: Path,
+    labeled: str = "100%",
+    val: str = "20%",
+    test: str = "20%",
+    seed: int = 0,
+    group: str | None = None,
+    force: bool = False,
+) -> list[str]:
+    """Verify, split and write ``DATA_DIR/vqseg_splits.json`` atomically; returns the summary lines."""
+    root = Path(root)
+    found = survey(root)
+    splits = make_split(found.cases, labeled, val, test, seed, group)
+    content = {
+        **found.info,
+        "prepared_with": {"labeled": labeled, "val": val, "test": test, "seed": seed, "group": group},
+        **splits,
+    }
+    path = root / SPLIT_FILE
+    counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    training = [n for n in splits["labeled"] + splits["unlabeled"] if found.cases[n].label is not None]
+    asked = parse_amount(labeled, len(training), "--labeled")
+    if group and len(splits["labeled"]) != asked:
+        counts += f" (--labeled asked for about {asked}: whole groups are kept)"
+    if path.is_file() and not force:
+        try:
+            same = json.loads(path.read_text()) == content
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            raise DataError(f"{path}: a split file already exists and differs; pass --force to overwrite it")
+        return [*found.lines, f"split: {counts}; {path} is already up to date"]
+    tmp = path.with_name(".tmp-" + path.name)
+    try:
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot write the split file ({err.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return [*found.lines, f"split: {counts}; written to {path}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a prepared dataset (data.dataset: prepared)
+# ---------------------------------------------------------------------------------------------
+
+
+def open_prepared(root: Path) -> Prepared:
+    """The dataset and its split file, checked against each other; unprepared folders are refused."""
+    fmt, cases, _ = _list(root)
+    path = root / SPLIT_FILE
+    if not path.is_file():
+        raise DataError(f"{root}: not prepared ({SPLIT_FILE} is missing); run `vqseg prepare {root}` first")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as JSON ({err})") from None
+    missing = [k for k in INFO_KEYS + SPLITS if k not in content]
+    if missing:
+        raise DataError(f"{path}: keys {missing} are missing; run `vqseg prepare {root} --force`")
+    splits = {k: list(content[k]) for k in SPLITS}
+    seen: dict[str, str] = {}
+    for split, names in splits.items():
+        for name in names:
+            if name in seen:
+                raise DataError(f"{path}: case {name!r} is in both {seen[name]!r} and {split!r}")
+            seen[name] = split
+            if name not in cases:
+                raise DataError(f"{path}: split {split!r} names case {name!r}, which is not in {root}")
+            if split != "unlabeled" and cases[name].label is None:
+                raise DataError(f"{path}: case {name!r} in split {split!r} has no label")
+    if content["format"] != fmt:
+        raise DataError(f"{path}: written for a {content['format']} dataset but {root} is {fmt}; prepare again")
+    return Prepared(root, {k: content[k] for k in INFO_KEYS}, cases, splits)
+
+
+def _prepared_root(cfg: Config) -> Path:
+    return resolve_path(cfg.data.root)
+
+
+DICTATED = ("num_classes", "in_channels", "class_names", "intensity", "label_encoding")
+
+
+def adopt_prepared_settings(cfg: Config) -> None:
+    """Copy what prepare detected into ``cfg.data``, so the saved config.yaml is all predict needs.
+
+    A key left at its default takes the dataset's value; any other value that disagrees is an error
+    (the dataset, not the user, knows its classes, channels and encodings).
+    """
+    root = _prepared_root(cfg)
+    info = open_prepared(root).info
+    defaults = DataConfig()
+    for key in DICTATED:
+        value, found = getattr(cfg.data, key), info[key]
+        if value != found and value != getattr(defaults, key):
+            raise ConfigError(
+                f"data.{key}={value!r} but the prepared dataset {root} has {found!r}; leave data.{key} out of the config"
+            )
+        setattr(cfg.data, key, found)
+
+
+def load_prepared(cfg: Config) -> SegmentationData:
+    prepared = open_prepared(_prepared_root(cfg))
+    size, info = cfg.train.image_size, prepared.info
+    channels = info["in_channels"]
+    return SegmentationData(
+        labeled=stack_slices(prepared.volumes("labeled"), size, keep_labels=True, channels=channels),
+        unlabeled=stack_slices(prepared.volumes("unlabeled"), size, keep_labels=False, channels=channels),
+        val=prepared.volumes("val"),
+        num_classes=info["num_classes"],
+        class_names=info["class_names"],
+        in_channels=channels,
+        settings={k: info[k] for k in ("class_names", "intensity", "label_encoding")},
+    )
+
+
+def load_prepared_split(cfg: Config, split: str) -> list[Volume]:
+    intensity = None if cfg.data.intensity == "auto" else cfg.data.intensity
+    return open_prepared(_prepared_root(cfg)).volumes(split, intensity)
