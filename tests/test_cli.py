@@ -208,3 +208,21 @@ def test_failed_start_leaves_existing_run_untouched(capsys, tmp_path):
     bad = tiny_overrides(**{"output_dir": str(run), "data.dataset": "acdc", "data.root": str(tmp_path / "missing")})
     assert main(["train", *sets(bad)]) == 2
     assert (run / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["evaluate", "run", "--split", "train"], "--split"),
+        (["trian"], "invalid choice"),
+        (["predict", "run"], "-o/--output"),
+        (["metrics", "--pred", "p.nii.gz", "--gt", "g.nii.gz", "--num-classes", "three"], "--num-classes"),
+    ],
+)
+def test_usage_mistakes_are_one_line_with_status_2(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vqseg") and "error:" in lines[0] and fragment in lines[0], captured.err

@@ -315,3 +315,15 @@ def test_resume_conflicts_ignore_only_result_neutral_keys():
     # another method: its own keys count as changes too, not only the name
     other_method = resume_conflicts(saved, load_config(None, ["method.name=cps"]))
     assert other_method == ["method.consistency", "method.consistency_rampup", "method.name"]
+
+
+def test_resume_conflicts_take_settings_newer_than_the_checkpoint_as_defaults():
+    from vqseg.config import resume_conflicts, to_dict
+
+    saved = to_dict(load_config(None, ["method.name=vqseg"]))
+    del saved["method"]["temperature"], saved["train"]["poly_power"]  # as if written by an older version
+    assert resume_conflicts(saved, load_config(None, ["method.name=vqseg"])) == []
+    changed = load_config(None, ["method.name=vqseg", "method.temperature=0.5", "train.poly_power=0"])
+    assert resume_conflicts(saved, changed) == ["method.temperature", "train.poly_power"]
+    saved["method"]["retired_setting"] = 1  # a setting this version no longer has
+    assert resume_conflicts(saved, load_config(None, ["method.name=vqseg"])) == ["method.retired_setting"]

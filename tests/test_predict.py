@@ -168,3 +168,11 @@ def test_output_never_overwrites_an_input(folder_run, tmp_path, capsys):
     assert main(["predict", str(run), str(image), "-o", str(tmp_path)]) == 2
     assert "would overwrite" in capsys.readouterr().err
     assert image.read_bytes() == before
+
+
+def test_overlay_on_a_volume_is_reported_not_silently_skipped(nn_run, tmp_path, capsys):
+    root, run = nn_run
+    source = root / "imagesTr" / "pat001_0000.nii.gz"
+    assert main(["predict", str(run), str(source), "-o", str(tmp_path), "--overlay"]) == 0
+    assert "no overlay: --overlay is for 2D images" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pat001.nii.gz"]

@@ -282,8 +282,28 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> set[str]:
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
-    """Keys that differ from the checkpoint's config and would change the resumed run's results."""
-    return sorted(changed_keys(saved, to_dict(cfg)) - RESUME_FREE_KEYS)
+    """Keys that differ from the checkpoint's config and would change the resumed run's results.
+
+    A setting added to vqseg after the checkpoint was written counts as its default there, so an
+    upgrade between a kill and a resume is no change unless the new setting is given another value;
+    a setting that no longer exists is a change.
+    """
+    method = saved.get("method", {}).get("name", MethodConfig.name)
+    try:
+        defaults = to_dict(load_config(None, [f"method.name={method}"]))
+    except ConfigError:  # a method this version no longer has: every key of it is a change
+        defaults = {}
+    return sorted(changed_keys(_fill_missing(saved, defaults), to_dict(cfg)) - RESUME_FREE_KEYS)
+
+
+def _fill_missing(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    filled = dict(tree)
+    for key, value in defaults.items():
+        if key not in filled:
+            filled[key] = value
+        elif isinstance(value, dict) and isinstance(filled[key], dict):
+            filled[key] = _fill_missing(filled[key], value)
+    return filled
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

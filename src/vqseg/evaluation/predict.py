@@ -95,6 +95,8 @@ def _predict_case(case: Case, run: _Run, out_dir: Path, written: set[Path], over
     if overlay and volume.image.shape[0] == 1:
         write_overlay(labels, volume, out_dir / f"{volume.name}_overlay.png")
         extras.append("overlay")
+    elif overlay:
+        extras.append("no overlay: --overlay is for 2D images")
     if probabilities:
         write_probabilities(probs, volume, out_dir / f"{volume.name}_probabilities.npz", cfg.data.class_names)
         extras.append("probabilities")
