@@ -10,6 +10,7 @@ A suite is a YAML file (see ``benchmarks/*.yaml``)::
     cases_key: data.labeled_cases     # optional; e.g. data.phantom_labeled for phantoms
     seeds: [0, 1]
     concurrent: 1                     # runs trained at once
+    order: rows                       # rows: a row's runs one after another; seeds: every row's first seed first
     device: auto                      # optional; passed to train (train.device) and evaluate
     runs:                             # method rows: label -> overrides, or a mapping
       supervised: [method.name=supervised]
@@ -60,7 +61,8 @@ from vqseg.data.volumes import DataError
 from vqseg.engine.checkpoint import replace_atomically
 
 SUITE_KEYS = {
-    "name", "config", "output_dir", "set", "labeled_cases", "cases_key", "seeds", "concurrent", "device", "runs"
+    "name", "config", "output_dir", "set", "labeled_cases", "cases_key", "seeds", "concurrent", "device", "runs",
+    "order",
 }
 ROW_KEYS = {"set", "labeled_cases", "seeds"}
 
@@ -79,6 +81,7 @@ class Suite:
     cases_key: str = "data.labeled_cases"
     concurrent: int = 1
     device: str | None = None
+    order: str = "rows"
 
 
 @dataclass
@@ -154,6 +157,9 @@ def load_suite(path: Path, output: str | Path | None = None) -> Suite:
     concurrent = raw.get("concurrent", 1)
     if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 1:
         raise ConfigError(f"suite key concurrent: expected a positive integer, got {concurrent!r}")
+    order = raw.get("order", "rows")
+    if order not in ("rows", "seeds"):
+        raise ConfigError(f"suite key order: expected rows or seeds, got {order!r}")
     output_dir = output if output is not None else raw.get("output_dir", Path("runs/benchmark") / path.stem)
     return Suite(
         name=str(raw.get("name", path.stem)),
@@ -163,12 +169,17 @@ def load_suite(path: Path, output: str | Path | None = None) -> Suite:
         rows=rows,
         cases_key=str(raw.get("cases_key", "data.labeled_cases")),
         concurrent=concurrent,
+        order=order,
         device=str(raw["device"]) if raw.get("device") else None,
     )
 
 
 def plan_runs(suite: Suite) -> list[RunSpec]:
-    """Rows x labelled counts x seeds, in file order; each run gets its full override list."""
+    """Rows x labelled counts x seeds, in file order; each run gets its full override list.
+
+    ``order: seeds`` runs every row's first seed before any row's second (a stable sort by the
+    seed's position in its row), so a suite stopped half-way already compares every row.
+    """
     runs = []
     for row, spec in suite.rows.items():
         for cases in spec["labeled_cases"]:
@@ -183,6 +194,8 @@ def plan_runs(suite: Suite) -> list[RunSpec]:
                     f"output_dir={run.run_dir}",
                 ]
                 runs.append(run)
+    if suite.order == "seeds":
+        runs.sort(key=lambda run: suite.rows[run.row]["seeds"].index(run.seed))
     return runs
 
 
