@@ -2,7 +2,10 @@
 
 Each method runs in its own subprocess (so peak memory is its own) on the real ACDC training
 slices at 256 x 256 with batch 12 labelled + 12 unlabelled, the SSL4MIS protocol's setting.
-Prints a markdown table and writes it to benchmarks/logs/train_speed_<device>.log.
+Prints a markdown table and writes it to benchmarks/logs/train_speed_<device>.log. A frozen
+pretrained encoder (``model.name=litemedsam``) trains on a feature bank of zeros with the real
+shapes: the step does not depend on the values, and the one-time cache is timed by
+benchmarks/pretrained_speed.py.
 
     python benchmarks/train_speed.py --methods supervised "vqseg:method.pfa=false" --steps 5
     python benchmarks/train_speed.py --eval-run runs/acdc_cpu/supervised_3cases
@@ -27,14 +30,22 @@ from vqseg.config import load_config
 from vqseg.data import load_training_data
 from vqseg.engine.distributed import DistInfo
 from vqseg.engine.trainer import Streams, build_run_method, make_optimizer, optimization_step, peak_memory_mb, select_device
+from vqseg.models.pretrained import frozen_encoders
 cfg = load_config(None, json.loads(sys.argv[1]))
 device = select_device(cfg.train.device)
 data = load_training_data(cfg)
 method = build_run_method(cfg, data.in_channels, data.num_classes).to(device)
 method.prepare(data)
+encoders = frozen_encoders(method)
+if encoders:  # a step's cost does not depend on the bank's values: zeros of the real shapes, no cache
+    levels = encoders[0].backbone(data.labeled.images[:1].to(device))
+    rows = len(data.labeled) + (len(data.unlabeled) if method.uses_unlabeled else 0)
+    encoders[0].store.bank = [torch.zeros(rows, *x.shape[2:], x.shape[1], dtype=torch.float16, device=device) for x in levels]
+    for encoder in encoders:
+        encoder.store = encoders[0].store
 method.train()
 params = [p for p in method.parameters() if p.requires_grad]
-optimizer = make_optimizer(cfg, params)
+optimizer = make_optimizer(cfg, method.parameter_groups())
 info = DistInfo()
 streams = Streams.for_rank(cfg, data, method.uses_unlabeled, info)
 def step(i):

@@ -81,8 +81,8 @@ def test_expansion_names_and_row_overrides(tmp_path: Path) -> None:
     ]
     seeds_first = plan_runs(load_suite(write_suite(tmp_path, order="seeds")))
     assert [r.name for r in seeds_first] == [
-        "sup/3cases_seed0", "sup/7cases_seed0", "vq/3cases_seed0", "vq/7cases_seed0", "sup_all/70cases_seed0",
-        "sup/3cases_seed1", "sup/7cases_seed1", "vq/3cases_seed1", "vq/7cases_seed1", "sup_all/70cases_seed1",
+        "sup/3cases_seed0", "vq/3cases_seed0", "sup/7cases_seed0", "vq/7cases_seed0", "sup_all/70cases_seed0",
+        "sup/3cases_seed1", "vq/3cases_seed1", "sup/7cases_seed1", "vq/7cases_seed1", "sup_all/70cases_seed1",
     ]
     with pytest.raises(ConfigError, match="order"):
         load_suite(write_suite(tmp_path, order="random"))

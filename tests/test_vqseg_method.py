@@ -143,6 +143,18 @@ def test_foundation_features_are_computed_once_and_cached(data, monkeypatch, tmp
     assert calls > 0 and encoder.calls == calls  # the second run reads the disk cache
 
 
+def test_foundation_cache_defaults_to_vqseg_cache(data, monkeypatch, tmp_path, capsys):
+    """With no method.foundation_cache, PFA features go under $VQSEG_CACHE/foundation, and the folder is said."""
+    import vqseg.modules.foundation as foundation
+
+    monkeypatch.setattr(foundation, "build_foundation", lambda *a, **k: FakeFoundation())
+    monkeypatch.setattr(foundation, "_ANNOUNCED", set())
+    monkeypatch.setenv("VQSEG_CACHE", str(tmp_path / "cache"))
+    build_run_method(vqseg_config(**{"method.foundation_cache": ""}), 1, 4).prepare(data)
+    assert list((tmp_path / "cache" / "foundation").glob("*.pt"))
+    assert str(tmp_path / "cache") in capsys.readouterr().err
+
+
 def test_unknown_ablation_is_a_config_error():
     from vqseg.config import ConfigError
 

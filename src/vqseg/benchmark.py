@@ -10,7 +10,7 @@ A suite is a YAML file (see ``benchmarks/*.yaml``)::
     cases_key: data.labeled_cases     # optional; e.g. data.phantom_labeled for phantoms
     seeds: [0, 1]
     concurrent: 1                     # runs trained at once
-    order: rows                       # rows: a row's runs one after another; seeds: every row's first seed first
+    order: rows                       # rows: a row's runs one after another; seeds: every row's first seed first (fewest labels first)
     device: auto                      # optional; passed to train (train.device) and evaluate
     runs:                             # method rows: label -> overrides, or a mapping
       supervised: [method.name=supervised]
@@ -177,8 +177,9 @@ def load_suite(path: Path, output: str | Path | None = None) -> Suite:
 def plan_runs(suite: Suite) -> list[RunSpec]:
     """Rows x labelled counts x seeds, in file order; each run gets its full override list.
 
-    ``order: seeds`` runs every row's first seed before any row's second (a stable sort by the
-    seed's position in its row), so a suite stopped half-way already compares every row.
+    ``order: seeds`` runs every row's first seed before any row's second, fewest labelled cases
+    first (a stable sort by the seed's position in its row, then the count), so a suite stopped
+    half-way already compares every row, in the low-label regime first.
     """
     runs = []
     for row, spec in suite.rows.items():
@@ -195,7 +196,7 @@ def plan_runs(suite: Suite) -> list[RunSpec]:
                 ]
                 runs.append(run)
     if suite.order == "seeds":
-        runs.sort(key=lambda run: suite.rows[run.row]["seeds"].index(run.seed))
+        runs.sort(key=lambda run: (suite.rows[run.row]["seeds"].index(run.seed), run.cases))
     return runs
 
 

@@ -77,15 +77,28 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "unet"
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    dropout: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5])
+    name: str = "unet"  # unet | litemedsam | dinov2 (pretrained encoder + DPT head)
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # U-Net only
+    dropout: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5])  # U-Net only
     uafs_layers: list[str] = field(default_factory=list)  # module names that get a UAFS block
+    # Pretrained encoders (models/pretrained.py):
+    encoder_mode: str = "frozen"  # frozen (cached features, the CPU mode) | finetune (train.encoder_lr)
+    encoder_weights: str = ""  # local weights file; empty: LiteMedSAM's shipped one (DINOv2 needs one)
+    encoder_input: int = 0  # the encoder's input side; 0: train.image_size (DINOv2: its multiple of 14)
+    decoder_features: int = 64  # DPT head width
+    stem_channels: int = 16  # full-resolution image stem width
+    tiny: bool = False  # tests only: a narrow, shallow encoder with fixed random weights
 
     def __post_init__(self) -> None:
         from vqseg.models import available_models
 
         _check_choice("model.name", self.name, available_models())
+        _check_choice("model.encoder_mode", self.encoder_mode, ("finetune", "frozen"))
+        check_range("model.encoder_input", self.encoder_input, 0)
+        check_range("model.decoder_features", self.decoder_features, 2)
+        check_range("model.stem_channels", self.stem_channels, 1)
+        if self.decoder_features % 2:
+            raise ConfigError(f"model.decoder_features={self.decoder_features} must be even (the head halves it)")
         if not self.channels:
             raise ConfigError("model.channels is empty; give one width per U-Net level")
         if len(self.dropout) != len(self.channels):
@@ -177,6 +190,7 @@ class TrainConfig:
     log_every: int = 50
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # 0 = torch default
+    encoder_lr: float = 5e-6  # a fine-tuned pretrained encoder's lr (UniMatch V2 / VQ-Seg: 5e-6, rest 2e-4)
 
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
@@ -184,6 +198,7 @@ class TrainConfig:
         for key in ("iterations", "image_size", "batch_size", "unlabeled_batch_size", "val_every", "log_every"):
             check_range(f"train.{key}", getattr(self, key), 1)
         check_range("train.lr", self.lr, 0, low_open=True)
+        check_range("train.encoder_lr", self.encoder_lr, 0)
         check_range("train.momentum", self.momentum, 0, 1, high_open=True)
         check_range("train.weight_decay", self.weight_decay, 0)
         check_range("train.poly_power", self.poly_power, 0)
@@ -258,6 +273,13 @@ class Config:
 
     def __post_init__(self) -> None:
         check_range("seed", self.seed, 0, 2**32 - 1)
+        if self.model.name != "unet":
+            from vqseg.models.pretrained import check_encoder_input, default_encoder_input
+
+            if self.model.encoder_input == 0:  # resolved here, so config.yaml records the size used
+                self.model.encoder_input = default_encoder_input(self.model.name, self.train.image_size)
+            check_encoder_input(self.model.name, self.model.encoder_input)
+            return
         # Each U-Net level below the first halves the image (max-pooling, rounding down); below a
         # 1 x 1 bottleneck the pooling fails.
         smallest = 2 ** (len(self.model.channels) - 1)

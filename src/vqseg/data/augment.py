@@ -2,7 +2,9 @@
 
 Geometry (flip, rot90, rotation, scale) is one affine warp per sample so images, labels and any
 aligned feature map (cached foundation-model features) can be warped by the same matrix.
-Intensity changes (contrast, gamma, blur, noise) and CutMix make the strong view.
+Intensity changes (contrast, gamma, blur, noise) and CutMix make the strong view. Inputs may carry
+provenance channels after the image channels (frozen pretrained encoders, ``provenance.py``):
+warps and CutMix move them with the pixels, intensity changes leave them alone.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from vqseg.config import AugConfig
+from vqseg.data.provenance import on_image
 
 
 def _uniform(n: int, bounds: list[float], device: torch.device) -> Tensor:
@@ -23,8 +26,10 @@ def _uniform(n: int, bounds: list[float], device: torch.device) -> Tensor:
 
 
 class Augmenter:
-    def __init__(self, cfg: AugConfig) -> None:
+    def __init__(self, cfg: AugConfig, image_channels: int | None = None) -> None:
+        """``image_channels``: how many leading channels are image (None: all of them)."""
         self.cfg = cfg
+        self.image_channels = image_channels
 
     def random_affine(self, n: int, device: torch.device) -> Tensor:
         """n x 2 x 3 matrices for ``affine_grid`` mapping output to input coordinates."""
@@ -62,7 +67,10 @@ class Augmenter:
         return self.warp(images, theta), warped_labels, theta
 
     def intensity(self, images: Tensor) -> Tensor:
-        """Contrast and gamma, Gaussian blur with a random sigma per sample, additive noise."""
+        """Contrast and gamma, Gaussian blur with a random sigma per sample, additive noise (image channels only)."""
+        return on_image(images, self.image_channels, self._intensity)
+
+    def _intensity(self, images: Tensor) -> Tensor:
         c = self.cfg
         n, device = images.shape[0], images.device
         shape = (n, 1, 1, 1)

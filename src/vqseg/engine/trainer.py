@@ -22,6 +22,7 @@ import torch
 
 from vqseg.config import Config, ConfigError, UserError, resume_conflicts, save_config, to_dict
 from vqseg.data import DataError, SegmentationData, load_training_data, resolve_data_config
+from vqseg.data.provenance import add_provenance
 from vqseg.engine.checkpoint import (
     load_checkpoint,
     replace_atomically,
@@ -49,6 +50,7 @@ from vqseg.evaluation.inference import mean_dice, predict_volumes
 from vqseg.methods import build_method
 from vqseg.methods.base import Batch, Method, StepOutput
 from vqseg.models import build_model
+from vqseg.models.pretrained import is_frozen, prepare_frozen_encoders
 from vqseg.progress import progress_bar
 
 # What a resume needs from last.pt; a file without these is not a training checkpoint.
@@ -85,7 +87,8 @@ def build_run_method(cfg: Config, in_channels: int, num_classes: int) -> Method:
     return build_method(cfg, lambda: build_network(cfg, in_channels, num_classes), num_classes)
 
 
-def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:
+    """``params``: parameters, or groups with their own ``lr`` (``Method.parameter_groups``)."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -106,6 +109,9 @@ class Streams:
 
     labeled: InfiniteSampler
     unlabeled: InfiniteSampler | None
+    # Frozen pretrained encoder: the feature-bank row of unlabelled slice 0 (labelled rows come
+    # first); batches then carry provenance channels. None: plain images.
+    unlabeled_row0: int | None = None
 
     @classmethod
     def for_rank(cls, cfg: Config, data: SegmentationData, uses_unlabeled: bool, info: DistInfo) -> Streams:
@@ -117,20 +123,25 @@ class Streams:
             InfiniteSampler(len(data.unlabeled), t.unlabeled_batch_size // info.world_size, seed + 500)
             if uses_unlabeled
             else None,
+            len(data.labeled) if is_frozen(cfg.model) else None,
         )
 
     def next_batch(self, data: SegmentationData, device: torch.device) -> Batch:
         li = self.labeled.next()
         batch = Batch(
-            labeled=data.labeled.images[li].to(device, non_blocking=True),
+            labeled=self._images(data.labeled.images, li, 0, device),
             labels=data.labeled.labels[li].to(device, non_blocking=True).long(),
             labeled_index=li,
         )
         if self.unlabeled is not None:
             ui = self.unlabeled.next()
-            batch.unlabeled = data.unlabeled.images[ui].to(device, non_blocking=True)
+            batch.unlabeled = self._images(data.unlabeled.images, ui, self.unlabeled_row0 or 0, device)
             batch.unlabeled_index = ui
         return batch
+
+    def _images(self, images: torch.Tensor, index: torch.Tensor, row0: int, device: torch.device) -> torch.Tensor:
+        x = images[index].to(device, non_blocking=True)
+        return x if self.unlabeled_row0 is None else add_provenance(x, index + row0)
 
     def state_dict(self) -> dict:
         return {"labeled": self.labeled.state_dict(), **({"unlabeled": self.unlabeled.state_dict()} if self.unlabeled else {})}
@@ -294,9 +305,10 @@ def _train(
             clear_run(run_dir)
         replace_atomically(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
     method.prepare(data)
+    prepare_frozen_encoders(method, data, method.uses_unlabeled, t.image_size, cfg.eval.batch_size, device)
     broadcast_state(method, info)
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, method.parameter_groups())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: max(0.0, 1.0 - it / t.iterations) ** t.poly_power
     )

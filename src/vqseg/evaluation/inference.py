@@ -17,14 +17,23 @@ from torch.nn import functional as F
 from vqseg.data.volumes import Volume
 
 
+def model_inputs(image: np.ndarray, size: int, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """A D x C x H x W case as the model sees it: chunks of slices resized to the training size.
+
+    Shared with the frozen-encoder set-up, which encodes validation slices ahead of training: the
+    same bytes give the same feature-cache keys.
+    """
+    slices = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    for chunk in slices.split(batch_size):
+        yield F.interpolate(chunk.to(device), size=(size, size), mode="bilinear", align_corners=False)
+
+
 def _probabilities(
     model: nn.Module, image: np.ndarray, size: int, batch_size: int, device: torch.device, amp: bool
 ) -> Iterator[torch.Tensor]:
     """Class probabilities at the native size, chunk by chunk of slices (the one code path of inference)."""
-    slices = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    height, width = slices.shape[-2:]
-    for chunk in slices.split(batch_size):
-        x = F.interpolate(chunk.to(device), size=(size, size), mode="bilinear", align_corners=False)
+    height, width = image.shape[-2:]
+    for x in model_inputs(image, size, batch_size, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         yield F.interpolate(logits.float().softmax(dim=1), size=(height, width), mode="bilinear", align_corners=False)

@@ -51,7 +51,7 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.augment = Augmenter(cfg.aug)
+        self.augment = Augmenter(cfg.aug, cfg.data.in_channels)
         self.student = model_factory()
         self.pdcr = _pdcr_config(cfg)
         self.pdcr_proj: nn.Module | None = None
@@ -78,6 +78,19 @@ class Method(nn.Module):
         """Hook run on the validating process after each validation of :meth:`predictor` at ``step``
         steps done (BCP keeps its best pre-trained student here); state it keeps must be in
         ``state_dict`` so that a resumed run continues identically."""
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser groups: trainable pretrained-backbone weights (fine-tuning) at ``train.encoder_lr``,
+        everything else at ``train.lr``; a group left empty is dropped."""
+        from vqseg.models.pretrained import pretrained_backbones
+
+        backbone = {id(p) for m in pretrained_backbones(self) for p in m.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) not in backbone], "lr": self.cfg.train.lr},
+            {"params": [p for p in trainable if id(p) in backbone], "lr": self.cfg.train.encoder_lr},
+        ]
+        return [g for g in groups if g["params"]]
 
     def predictor(self) -> nn.Module:
         """The network that validation and test use (the student unless a method says otherwise)."""

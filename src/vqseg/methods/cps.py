@@ -36,8 +36,14 @@ class CPSConfig(MethodConfig):
 
 
 def init_conv_weights(model: nn.Module, init: Callable[[Tensor], Tensor]) -> None:
-    """SSL4MIS's two initialisations: ``init`` on every Conv2d weight, batch norm to identity."""
+    """SSL4MIS's two initialisations: ``init`` on every Conv2d weight, batch norm to identity;
+    a pretrained backbone keeps its weights (only the head and stem differ between the two networks)."""
+    from vqseg.models.pretrained import pretrained_backbones
+
+    pretrained = {id(m) for backbone in pretrained_backbones(model) for m in backbone.modules()}
     for m in model.modules():
+        if id(m) in pretrained:
+            continue
         if isinstance(m, nn.Conv2d):
             init(m.weight)
         elif isinstance(m, nn.BatchNorm2d):

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from vqseg.config import MethodConfig, check_range
+from vqseg.data.provenance import on_image
 from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import Batch, Method, StepOutput, labeled_pdcr, seg_loss, sigmoid_rampup
 
@@ -64,8 +65,12 @@ class MeanTeacher(Method):
         return p.consistency * sigmoid_rampup(self.progress(step), p.consistency_rampup)
 
     def _noisy(self, images: Tensor) -> Tensor:
+        """Input noise on the image channels (provenance channels, if any, stay exact)."""
         p = self.params
-        return images + (torch.randn_like(images) * p.noise_std).clamp(-p.noise_clip, p.noise_clip)
+        return on_image(
+            images, self.cfg.data.in_channels,
+            lambda x: x + (torch.randn_like(x) * p.noise_std).clamp(-p.noise_clip, p.noise_clip),
+        )
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         x_l, y_l, _ = self.augment.geometric(batch.labeled, batch.labels)

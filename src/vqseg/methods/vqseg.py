@@ -11,7 +11,10 @@
 - L_rec: L1 image reconstruction from the post-VQ bottleneck (dual branch), unperturbed passes.
 - L_align: patch InfoNCE between the post-VQ map (PFA: resize + 1x1 conv) and a frozen foundation
   model's features of the same view. Features are computed once per training slice and warped
-  with the view's affine, since the encoder costs seconds per image on a CPU.
+  with the view's affine, since the encoder costs seconds per image on a CPU. On a pretrained
+  backbone (``model.name`` litemedsam or dinov2) PFA aligns to ``method.foundation`` only if that
+  is another model; aligning a backbone to a frozen copy of itself is degenerate, so it is then
+  off (with a note), whatever the preset says.
 - L_vq: codebook + beta * commitment of every quantizer.
 
 ``ablation`` presets reproduce the paper's table rows: base (VQ only), qpm, qpm_db, qpm_pfa, all.
@@ -26,6 +29,7 @@ backbone's dropout is off and the perturbed pass does not update batch-norm runn
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +38,7 @@ from torch.nn import functional as F
 
 from vqseg.config import ConfigError, MethodConfig, check_range, resolve_path
 from vqseg.data.augment import Augmenter
+from vqseg.data.provenance import split_channels
 from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import (
     U_LOSSES,
@@ -79,7 +84,7 @@ class VQSegConfig(MethodConfig):
     foundation: str = "litemedsam"  # litemedsam | dinov2 | none
     foundation_weights: str = ""  # local file (required for dinov2; litemedsam ships its own)
     foundation_input: int = 0  # 0 = the encoder's native input size
-    foundation_cache: str = "~/.cache/vqseg/foundation"
+    foundation_cache: str = ""  # empty: $VQSEG_CACHE/foundation (default ~/.cache/vqseg/foundation)
     pfa_tau: float = 0.1
     pfa_samples: int = 256
     ema_decay: float = 0.99
@@ -157,17 +162,28 @@ class VQSeg(Method):
         self.foundation = None
         self.adapter: nn.Module | None = None
         self._cache: dict[str, Tensor] = {}
+        # Aligning a pretrained backbone's post-VQ map to a frozen copy of the same network is
+        # degenerate (the target is the backbone's own input to the quantizer): PFA then needs
+        # another foundation model, else it is off.
+        self.use_pfa = bool(p.pfa) and cfg.model.name != p.foundation
+        if p.pfa and not self.use_pfa:
+            print(f"vqseg: PFA off: the backbone is {cfg.model.name} itself; set method.foundation to another "
+                  "model to align to it", file=sys.stderr, flush=True)
 
     def prepare(self, data) -> None:
         """Load the frozen foundation model and encode every training slice once."""
         p = self.params
-        if not p.pfa:
+        if not self.use_pfa:
             return
-        from vqseg.modules.foundation import build_foundation, cached_features
+        from vqseg.modules.foundation import announce_cache, build_foundation, cache_root, cached_features
         from vqseg.modules.pfa import PostVQAdapter
 
         encoder = build_foundation(p.foundation, p.foundation_weights or None, p.foundation_input or None)
-        cache_dir = resolve_path(p.foundation_cache)
+        if p.foundation_cache:
+            cache_dir = resolve_path(p.foundation_cache)
+        else:
+            announce_cache(cache_root())
+            cache_dir = cache_root() / "foundation"
         device = next(self.student.parameters()).device
         self._cache = {
             "labeled": cached_features(encoder, data.labeled.images, cache_dir).to(device),
@@ -193,7 +209,7 @@ class VQSeg(Method):
 
         # Unperturbed student pass: labelled slices, plus the weak unlabelled views when the
         # reconstruction or alignment branches have something to learn from them.
-        needs_unlabeled_clean = p.dual_branch or p.pfa
+        needs_unlabeled_clean = p.dual_branch or self.use_pfa
         clean_input = torch.cat([x_l, views.weak]) if needs_unlabeled_clean else x_l
         with self.pdcr_capture():
             clean = self.student.run(clean_input, reconstruct=p.dual_branch)
@@ -225,10 +241,10 @@ class VQSeg(Method):
             "pseudo_kept": (~ignore).float().mean(),
         }
         if p.dual_branch:
-            loss_rec = F.l1_loss(clean.recon, clean_input)
+            loss_rec = F.l1_loss(clean.recon, split_channels(clean_input, self.cfg.data.in_channels)[0])
             loss = loss + p.lambda_rec * loss_rec
             logs["loss_rec"] = loss_rec.detach()
-        if p.pfa:
+        if self.use_pfa:
             from vqseg.modules.pfa import patch_infonce
 
             target = torch.cat([

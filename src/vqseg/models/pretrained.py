@@ -1,0 +1,254 @@
+"""Pretrained encoders (LiteMedSAM's TinyViT, DINOv2 ViT-S/14) with a DPT head, in two modes.
+
+``model.encoder_mode=finetune``: the encoder trains, with its own learning rate
+(``train.encoder_lr``, see :func:`pretrained_backbones`). ``frozen`` (the CPU mode): the encoder
+never trains and stays in eval mode; its pyramid is computed once per slice and cached on disk
+(``vqseg.modules.foundation.cached_slice_features``). Training views then carry provenance
+channels (``vqseg.data.provenance``) and the encoder looks their features up in a bank of the
+training slices' cached pyramids, so every augmentation a method applies to the image reaches the
+features too. Plain images (validation, test, predict) are encoded through the same cache.
+
+Pyramids (``timm`` ``features_only`` style, shallowest first):
+
+- ``litemedsam``: TinyViT's stage maps 1-3 (64, 128, 160 channels; native strides 1, 2 and 4)
+  and the neck's 256-channel embedding that SAM's decoder reads (in place of the last stage's raw
+  320 channels), average-pooled to strides 4, 8, 16 and 16 of the encoder input. The DPT head
+  reads them at strides 4-32 anyway; pooling bounds the cache (about 1 MB per 256 px slice in
+  float16 instead of 16 MB) and puts VQ-Seg's codebook on a 16 x 16 map, like the paper's
+  DINOv2 patch grid, instead of a 64 x 64 one that a 16k codebook cannot search on a CPU.
+- ``dinov2``: blocks 2, 5, 8 and 11 (384 channels each, final norm) on the 14-pixel patch grid,
+  as UniMatch V2's DPT takes them.
+
+The model's encoder returns ``[stem, level 1, ..., level 4]``: the image stem first (see ``dpt``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from vqseg.config import ConfigError, ModelConfig
+from vqseg.data.provenance import provenance_at, sample_bank, split_channels
+from vqseg.models import SegmentationModel, register_model
+from vqseg.models.dpt import DPTDecoder, ImageStem
+from vqseg.modules import foundation
+
+if TYPE_CHECKING:
+    from vqseg.data.volumes import SegmentationData
+
+PRETRAINED_MODELS = ("litemedsam", "dinov2")
+ENCODER_MODES = ("finetune", "frozen")
+DINOV2_BLOCKS = (2, 5, 8, 11)  # UniMatch V2's intermediate_layer_idx for ViT-S
+
+
+def default_encoder_input(name: str, image_size: int) -> int:
+    """The encoder's input side when ``model.encoder_input`` is 0: the training size (DINOv2: its
+    largest multiple of the 14-pixel patch)."""
+    return image_size // 14 * 14 if name == "dinov2" else image_size
+
+
+def check_encoder_input(name: str, size: int) -> None:
+    if name == "litemedsam" and (size % 4 or size < 16):
+        raise ConfigError(f"model.encoder_input={size}: LiteMedSAM needs a multiple of 4, at least 16")
+    if name == "dinov2" and (size % 14 or size < 14):
+        raise ConfigError(f"model.encoder_input={size}: DINOv2 needs a multiple of its 14-pixel patch")
+
+
+def is_frozen(cfg: ModelConfig) -> bool:
+    """Whether training batches of this model carry provenance (a frozen pretrained encoder)."""
+    return cfg.name in PRETRAINED_MODELS and cfg.encoder_mode == "frozen"
+
+
+class PyramidBackbone(nn.Module):
+    """Images (B x 1|3 x H x W, any size) -> four maps on the encoder's grid, shallowest first."""
+
+    name = "pyramid"
+
+    def __init__(self, input_size: int, out_channels: list[int], weights: Path | None) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.out_channels = out_channels
+        self.weights = weights
+
+    def identity(self) -> str:
+        """What the features depend on (cache key): model, input size, weights file, pyramid version."""
+        source = "random-tiny" if self.weights is None else f"{self.weights.name}|{self.weights.stat().st_size}"
+        return f"{self.name}|pyramid-v1|{self.input_size}|{self.out_channels}|{source}"
+
+
+class TinyViTPyramid(PyramidBackbone):
+    name = "litemedsam"
+
+    def __init__(self, input_size: int, weights: Path | None) -> None:
+        super().__init__(input_size, [16, 32, 40, 256] if weights is None else [64, 128, 160, 256], weights)
+        self.net = foundation.build_tinyvit(input_size, tiny=weights is None)
+        if weights is not None:
+            foundation.load_litemedsam(self.net, weights)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = foundation.minmax_normalise(foundation.encoder_input(images, self.input_size))
+        first, second, third, _, neck = foundation.tinyvit_stages(self.net, x)
+        side = self.input_size // 4
+        sizes = [side, max(side // 2, 1), max(side // 4, 1), max(side // 4, 1)]
+        return [F.adaptive_avg_pool2d(m, size) for m, size in zip((first, second, third, neck), sizes)]
+
+
+class DINOv2Pyramid(PyramidBackbone):
+    name = "dinov2"
+
+    def __init__(self, input_size: int, weights: Path | None) -> None:
+        tiny = {"embed_dim": 32, "depth": 4, "num_heads": 2} if weights is None else {}
+        self.blocks = [0, 1, 2, 3] if weights is None else list(DINOV2_BLOCKS)
+        width = tiny.get("embed_dim", 384)
+        super().__init__(input_size, [width] * 4, weights)
+        self.net = foundation.load_dinov2(weights, **tiny)
+        self.register_buffer("mean", torch.tensor(foundation._IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(foundation._IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = (foundation.encoder_input(images, self.input_size) - self.mean) / self.std
+        return list(self.net.get_intermediate_layers(x, n=self.blocks, reshape=True, norm=True))
+
+
+class FrozenFeatures:
+    """What frozen encoders share: the training slices' feature bank and a memo of cache hits.
+
+    Not copied by ``deepcopy``, so an EMA teacher (``make_teacher``) looks up the same bank; not
+    part of any state dict (it is rebuilt from the cache on start and on resume).
+    """
+
+    def __init__(self) -> None:
+        self.bank: list[Tensor] | None = None  # per level: N x h x w x C float16
+        self.memo: dict[str, list[Tensor]] = {}
+
+    def __deepcopy__(self, memo: dict) -> FrozenFeatures:
+        return self
+
+
+class PretrainedEncoder(nn.Module):
+    """Image stem + pretrained backbone; ``frozen``: the backbone never trains (see module docstring)."""
+
+    def __init__(self, backbone: PyramidBackbone, in_channels: int, stem_channels: int, frozen: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.stem = ImageStem(in_channels, stem_channels)
+        self.image_channels = in_channels
+        self.frozen = frozen
+        self.store = FrozenFeatures()
+        self.out_channels = [stem_channels, *backbone.out_channels]
+        if frozen:
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def train(self, mode: bool = True) -> PretrainedEncoder:
+        """A frozen backbone stays in eval mode whatever a parent module asks."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.train(False)
+        return self
+
+    def cached(self, images: Tensor, progress: bool = False) -> list[Tensor]:
+        """The frozen backbone's pyramid of plain images, through the on-disk cache (float16, CPU)."""
+        return foundation.cached_slice_features(
+            self.backbone, self.backbone.identity(), self.backbone.name, images, memo=self.store.memo, progress=progress
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        image, provenance = split_channels(x, self.image_channels)
+        stem = self.stem(image)
+        if provenance is not None:
+            levels = self._look_up(provenance)
+        elif self.frozen:
+            levels = [level.to(image.device, torch.float32) for level in self.cached(image)]
+        else:
+            levels = self.backbone(image)
+        return [stem, *levels]
+
+    def _look_up(self, provenance: Tensor) -> list[Tensor]:
+        if not self.frozen or self.store.bank is None:
+            raise RuntimeError(
+                "input carries provenance channels but this encoder has no feature bank "
+                "(frozen mode, after vqseg.models.pretrained.prepare_frozen_encoders)"
+            )
+        levels = []
+        for bank in self.store.bank:
+            index, coords, valid = provenance_at(provenance, tuple(bank.shape[1:3]))
+            levels.append(sample_bank(bank, index.to(bank.device), coords.to(bank.device), valid.to(bank.device)))
+        return [level.to(provenance.device) for level in levels]
+
+
+def _build(name: str, cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
+    weights: Path | None = None
+    if not cfg.tiny:
+        if name == "litemedsam":
+            try:
+                weights = foundation.litemedsam_weights(cfg.encoder_weights or None)
+            except (FileNotFoundError, ImportError) as err:
+                raise ConfigError(f"model.encoder_weights: {err}") from None
+        else:
+            if not cfg.encoder_weights or not Path(cfg.encoder_weights).expanduser().is_file():
+                raise ConfigError(
+                    f"model.encoder_weights={cfg.encoder_weights!r}: DINOv2 needs a local vit_small_patch14_dinov2 "
+                    "(timm) or dinov2_vits14 (facebookresearch) weights file; nothing is downloaded"
+                )
+            weights = Path(cfg.encoder_weights).expanduser()
+    cls = TinyViTPyramid if name == "litemedsam" else DINOv2Pyramid
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # tiny random stand-ins: every copy (CPS's two networks) is the same encoder
+        backbone = cls(cfg.encoder_input, weights)
+    encoder = PretrainedEncoder(backbone, in_channels, cfg.stem_channels, cfg.encoder_mode == "frozen")
+    return SegmentationModel(encoder, DPTDecoder(encoder.out_channels, num_classes, cfg.decoder_features))
+
+
+@register_model("litemedsam")
+def _litemedsam(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
+    return _build("litemedsam", cfg, in_channels, num_classes)
+
+
+@register_model("dinov2")
+def _dinov2(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
+    return _build("dinov2", cfg, in_channels, num_classes)
+
+
+def pretrained_backbones(module: nn.Module) -> list[nn.Module]:
+    """The pretrained backbones inside ``module`` (their weights must not be re-initialised, and
+    they train at ``train.encoder_lr`` when fine-tuned)."""
+    return [m.backbone for m in module.modules() if isinstance(m, PretrainedEncoder)]
+
+
+def frozen_encoders(module: nn.Module) -> list[PretrainedEncoder]:
+    return [m for m in module.modules() if isinstance(m, PretrainedEncoder) and m.frozen]
+
+
+def prepare_frozen_encoders(
+    module: nn.Module, data: SegmentationData, uses_unlabeled: bool, image_size: int, eval_batch: int,
+    device: torch.device,
+) -> None:
+    """Build the feature bank (labelled rows, then unlabelled rows when used: the order of
+    ``Streams``' provenance indices) and encode the validation slices, all through the cache."""
+    encoders = frozen_encoders(module)
+    if not encoders:
+        return
+    from vqseg.evaluation.inference import model_inputs
+
+    first = encoders[0]
+    identities = {e.backbone.identity() for e in encoders}
+    if len(identities) > 1:
+        raise RuntimeError(f"frozen encoders in one method differ: {sorted(identities)}")
+    sets = [data.labeled.images, *([data.unlabeled.images] if uses_unlabeled else [])]
+    per_set = [foundation.cached_slice_features(first.backbone, first.backbone.identity(), first.backbone.name,
+                                                images, progress=True) for images in sets]
+    first.store.bank = [
+        torch.cat([levels[i] for levels in per_set]).permute(0, 2, 3, 1).contiguous().to(device)
+        for i in range(len(per_set[0]))
+    ]
+    for encoder in encoders:
+        encoder.store = first.store
+    val = [x for volume in data.val for x in model_inputs(volume.image, image_size, eval_batch, device)]
+    if val:
+        first.cached(torch.cat(val), progress=True)
+
