@@ -9,7 +9,7 @@
 3. Prediction time per slice of a new ACDC volume (cache empty: the encoder runs), frozen
    LiteMedSAM model against the U-Net.
 
-Prints a markdown table and writes benchmarks/logs/pretrained_speed_<device>.log.
+Prints a markdown table and writes benchmarks/logs/pretrained_speed_cpu.log (everything runs on the CPU).
 
     python benchmarks/pretrained_speed.py                # ~6-9 min on 2 shared cores
     python benchmarks/pretrained_speed.py --size 128 --batch 8
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -55,14 +56,13 @@ def prediction_cost(overrides: list[str], volume_index: int) -> tuple[float, int
     """Seconds per slice to predict one ACDC test volume with an empty feature cache."""
     from vqseg.config import load_config
     from vqseg.data import load_split
-    from vqseg.engine.trainer import build_network
+    from vqseg.engine.trainer import build_run_method
     from vqseg.evaluation.inference import predict_volume
 
     cfg = load_config(None, overrides)
     volume = load_split(cfg, "test")[volume_index]
-    model = build_network(cfg, cfg.data.in_channels, cfg.data.num_classes).eval()
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["VQSEG_CACHE"] = cache
+    model = build_run_method(cfg, cfg.data.in_channels, cfg.data.num_classes).predictor().eval()
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"VQSEG_CACHE": cache}):
         began = time.perf_counter()
         predict_volume(model, volume.image, cfg.train.image_size, cfg.eval.batch_size, torch.device("cpu"))
         elapsed = time.perf_counter() - began

@@ -30,7 +30,7 @@ from vqseg.config import load_config
 from vqseg.data import load_training_data
 from vqseg.engine.distributed import DistInfo
 from vqseg.engine.trainer import Streams, build_run_method, make_optimizer, optimization_step, peak_memory_mb, select_device
-from vqseg.models.pretrained import frozen_encoders
+from vqseg.models.pretrained import frozen_encoders, install_bank
 cfg = load_config(None, json.loads(sys.argv[1]))
 device = select_device(cfg.train.device)
 data = load_training_data(cfg)
@@ -40,9 +40,7 @@ encoders = frozen_encoders(method)
 if encoders:  # a step's cost does not depend on the bank's values: zeros of the real shapes, no cache
     levels = encoders[0].backbone(data.labeled.images[:1].to(device))
     rows = len(data.labeled) + (len(data.unlabeled) if method.uses_unlabeled else 0)
-    encoders[0].store.bank = [torch.zeros(rows, *x.shape[2:], x.shape[1], dtype=torch.float16, device=device) for x in levels]
-    for encoder in encoders:
-        encoder.store = encoders[0].store
+    install_bank(method, [torch.zeros(rows, *x.shape[1:]) for x in levels], device)
 method.train()
 params = [p for p in method.parameters() if p.requires_grad]
 optimizer = make_optimizer(cfg, method.parameter_groups())

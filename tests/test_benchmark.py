@@ -261,6 +261,20 @@ def test_aggregation_numbers_tables_and_plots(tmp_path: Path) -> None:
         assert (out / plot).stat().st_size > 1000
 
 
+def test_report_tabulates_a_stopped_suite_without_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_suite(tmp_path)
+    out = tmp_path / "out"
+    make_done(out / "sup" / "3cases_seed0", [0.80, 0.70, 0.90], [(5, 0.5), (10, 0.7)])
+    (out / "vq" / "3cases_seed0").mkdir(parents=True)
+    (out / "vq" / "3cases_seed0" / "last.pt").write_bytes(b"")  # stopped half-way: not resumed here
+    monkeypatch.setattr(benchmark, "launch", lambda *a: pytest.fail("--report must not train or evaluate"))
+    from vqseg.cli import main
+
+    main(["benchmark", str(path), "--report"])
+    table = (out / "results.md").read_text()
+    assert "80.00" in table and (out / "results.csv").read_text().count("\n") == 2  # header + the done run
+
+
 def test_t_interval_is_the_t_interval_over_seeds() -> None:
     # mean 0.8, sample std 0.1, n = 3: 0.8 ± t(0.975, 2) 0.1 / sqrt(3) with t = 4.3027 (not 1.96)
     assert benchmark.t_interval([0.7, 0.8, 0.9]) == (pytest.approx(0.551586229), pytest.approx(1.048413771))

@@ -85,6 +85,7 @@ def test_pyramid_shapes_and_logits(name: str, strides: list[int], mode: str) -> 
     assert [f.shape[1] for f in features] == model.feature_channels
     assert [32 // f.shape[-1] for f in features] == strides  # DINOv2 at 28 px input: a 2 x 2 patch grid
     assert model.decode(features).shape == (2, 4, 32, 32)
+    assert model(torch.rand(1, 1, 30, 35)).shape == (1, 4, 30, 35)  # odd sizes: the half-resolution fusion
 
 
 def test_config_refuses_bad_encoder_settings() -> None:
@@ -122,6 +123,33 @@ def model_size(model) -> int:
 
 def test_frozen_encoder_stays_frozen_and_in_eval_mode() -> None:
     check_stays_frozen(build_model(pretrained_config("litemedsam").model, 1, 4))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoints_leave_out_a_frozen_backbone(mode: str) -> None:
+    """A frozen backbone is rebuilt from its weights file, so its weights are not saved; a fresh
+    model loads the state strictly and predicts the same. A fine-tuned backbone is saved."""
+    cfg = pretrained_config("litemedsam", mode, **{"method.name": "mean_teacher"})
+    method = build_run_method(cfg, 1, 4)
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    state = method.state_dict()
+    backbone_keys = [k for k in state if ".backbone." in k]
+    assert (not backbone_keys) if mode == "frozen" else len(backbone_keys) > 0
+    fresh = build_run_method(cfg, 1, 4)
+    fresh.load_state_dict(state, strict=True)
+    x = torch.rand(2, 1, 32, 32)
+    method.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(method.predictor()(x), fresh.predictor()(x))
+    identities = [k for k in state if k.endswith("backbone_identity")]
+    assert bool(identities) == (mode == "frozen")
+    if identities:  # trained on another encoder's features: refused, not silently mixed
+        state[identities[0]] = "litemedsam|pyramid-v1|32|other.pth"
+        with pytest.raises(ConfigError, match="other.pth"):
+            fresh.load_state_dict(state)
 
 
 def test_finetuned_encoder_trains() -> None:
@@ -264,6 +292,18 @@ def test_vqseg_reconstructs_the_image_channels_only(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(vqseg_module.F, "l1_loss", lambda a, b: targets.append(b) or real_l1(a, b))
     run_steps(pretrained_config(**{"method.name": "vqseg", "method.codebook_size": 16, "method.foundation": "none"}), 1)
     assert targets and all(t.shape[1] == 1 for t in targets)
+
+
+def test_vqseg_reconstruction_decodes_to_a_quarter_then_resizes() -> None:
+    """On a pretrained pyramid the reconstruction branch stops at about 1/4 of the input (two x2
+    stages from the stride-16 map) and is resized to the image: full-resolution stages cost more
+    than the segmentation head on a CPU."""
+    method = build_run_method(pretrained_config("litemedsam", **{"method.name": "vqseg", "method.codebook_size": 16,
+                                                                 "method.foundation": "none"}), 1, 4)
+    x = torch.rand(2, 1, 32, 32)
+    features = method.student.base.encode(x)
+    assert method.student.recon_decoder(features[-1]).shape == (2, 1, 8, 8)
+    assert method.student.run(x, reconstruct=True).recon.shape == x.shape
 
 
 def test_vqseg_pfa_is_off_on_its_own_backbone(capsys: pytest.CaptureFixture) -> None:

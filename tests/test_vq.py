@@ -140,3 +140,21 @@ def test_forward_has_no_host_sync_on_cuda() -> None:
         vq(z, perturb=qpm)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_centering_spreads_features_that_share_one_direction() -> None:
+    """Frozen-encoder features with a dominant common direction all pick the same code unless the
+    quantizer standardises them first (``method.vq_center``); the norm is then in the model, with
+    running statistics for evaluation."""
+    from vqseg.models.vq_net import FactorizedQuantizer
+
+    torch.manual_seed(0)
+    common = torch.randn(1, 64, 1, 1) * 5
+    z = common + torch.randn(8, 64, 6, 6) * 0.5
+    used = {}
+    for center in (False, True):
+        quantizer = FactorizedQuantizer(64, 0, 512, 0.25, cosine=True, center=center).train()
+        used[center] = quantizer(z).indices.unique().numel()
+    assert used[False] <= 3 and used[True] > 50
+    norm = FactorizedQuantizer(64, 32, 512, 0.25, cosine=True, center=True).center
+    assert isinstance(norm, torch.nn.BatchNorm2d) and not norm.affine

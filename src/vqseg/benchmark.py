@@ -275,10 +275,17 @@ def _execute(suite: Suite, run: RunSpec) -> bool:
     return launch(evaluate_command(suite, run), log) == 0
 
 
-def run_suite(suite_path: Path, output: str | Path | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Train and test what is not done yet, then write the tables and plots; returns the per-run records."""
+def run_suite(
+    suite_path: Path, output: str | Path | None = None, dry_run: bool = False, report_only: bool = False
+) -> list[dict[str, Any]]:
+    """Train and test what is not done yet, then write the tables and plots; returns the per-run records.
+
+    ``report_only``: write the tables and plots from the runs done so far (a suite stopped half-way,
+    to be resumed later) and train nothing."""
     suite = load_suite(suite_path, output)
     runs = plan_runs(suite)
+    if report_only:
+        return write_results(suite, runs)
     _check_configs(suite, runs)
     statuses = {run.name: run_status(run.run_dir) for run in runs}
     if dry_run:

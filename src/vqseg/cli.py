@@ -73,7 +73,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _benchmark(args: argparse.Namespace) -> None:
     from vqseg.benchmark import run_suite
 
-    run_suite(Path(args.suite), args.output, dry_run=args.dry_run)
+    run_suite(Path(args.suite), args.output, dry_run=args.dry_run, report_only=args.report)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--output", default=None)
     p.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    p.add_argument("--report", action="store_true", help="tabulate the runs done so far; train nothing")
     p.set_defaults(func=_benchmark)
     return parser
 

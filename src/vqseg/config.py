@@ -86,14 +86,15 @@ class ModelConfig:
     encoder_weights: str = ""  # local weights file; empty: LiteMedSAM's shipped one (DINOv2 needs one)
     encoder_input: int = 0  # the encoder's input side; 0: train.image_size (DINOv2: its multiple of 14)
     decoder_features: int = 64  # DPT head width
-    stem_channels: int = 16  # full-resolution image stem width
+    stem_channels: int = 16  # image stem width (one 3x3 conv at full resolution, fused at half)
     tiny: bool = False  # tests only: a narrow, shallow encoder with fixed random weights
 
     def __post_init__(self) -> None:
         from vqseg.models import available_models
+        from vqseg.models.pretrained import ENCODER_MODES
 
         _check_choice("model.name", self.name, available_models())
-        _check_choice("model.encoder_mode", self.encoder_mode, ("finetune", "frozen"))
+        _check_choice("model.encoder_mode", self.encoder_mode, ENCODER_MODES)
         check_range("model.encoder_input", self.encoder_input, 0)
         check_range("model.decoder_features", self.decoder_features, 2)
         check_range("model.stem_channels", self.stem_channels, 1)
@@ -272,10 +273,10 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
 
     def __post_init__(self) -> None:
-        check_range("seed", self.seed, 0, 2**32 - 1)
-        if self.model.name != "unet":
-            from vqseg.models.pretrained import check_encoder_input, default_encoder_input
+        from vqseg.models.pretrained import PRETRAINED_MODELS, check_encoder_input, default_encoder_input
 
+        check_range("seed", self.seed, 0, 2**32 - 1)
+        if self.model.name in PRETRAINED_MODELS:
             if self.model.encoder_input == 0:  # resolved here, so config.yaml records the size used
                 self.model.encoder_input = default_encoder_input(self.model.name, self.train.image_size)
             check_encoder_input(self.model.name, self.model.encoder_input)

@@ -50,7 +50,7 @@ from vqseg.evaluation.inference import mean_dice, predict_volumes
 from vqseg.methods import build_method
 from vqseg.methods.base import Batch, Method, StepOutput
 from vqseg.models import build_model
-from vqseg.models.pretrained import is_frozen, prepare_frozen_encoders
+from vqseg.models.pretrained import channels_last, is_frozen, prepare_frozen_encoders
 from vqseg.progress import progress_bar
 
 # What a resume needs from last.pt; a file without these is not a training checkpoint.
@@ -84,7 +84,7 @@ def build_network(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.M
 
 
 def build_run_method(cfg: Config, in_channels: int, num_classes: int) -> Method:
-    return build_method(cfg, lambda: build_network(cfg, in_channels, num_classes), num_classes)
+    return channels_last(build_method(cfg, lambda: build_network(cfg, in_channels, num_classes), num_classes), cfg.model)
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:

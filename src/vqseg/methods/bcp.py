@@ -151,7 +151,7 @@ class BCP(Method):
     def _start_self_training(self) -> None:
         """Student and teacher restart from the chosen pre-trained student, as BCP's self_train."""
         if dist.is_available() and dist.is_initialized():  # only rank 0 validates and chooses
-            for tensor in [*self.pretrained.state_dict().values(), self.pretrained_dice]:
+            for tensor in [*self.pretrained.parameters(), *self.pretrained.buffers(), self.pretrained_dice]:
                 dist.broadcast(tensor, src=0)
         if self.pretrained_dice < 0:
             raise RuntimeError("bcp reached self-training without a validated pre-training student")

@@ -78,6 +78,7 @@ class VQSegConfig(MethodConfig):
     beta: float = 0.25
     cosine: bool = True  # L2-normalised codes and features (prevents collapse on CNN features)
     code_dim: int = 32  # width of the code lookup space (factorized codes); 0 = the feature width
+    vq_center: bool = False  # standardise features (affine-free batch norm) before the lookup (frozen encoders)
     backbone_dropout: bool = False  # keep the backbone's own dropout layers (see VQSeg.__init__)
     dual_branch: bool | None = None  # unset: the preset's, else on
     pfa: bool | None = None  # unset: the preset's, else on unless foundation is none
@@ -153,7 +154,8 @@ class VQSeg(Method):
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         self.student = VQSegNet(
-            self.student, cfg.data.in_channels, p.vq_levels, p.codebook_size, p.beta, p.dual_branch, p.cosine, p.code_dim
+            self.student, cfg.data.in_channels, p.vq_levels, p.codebook_size, p.beta, p.dual_branch, p.cosine, p.code_dim,
+            p.vq_center,
         )
         self.teacher = make_teacher(self.student)
         self.perturb = None

@@ -27,6 +27,12 @@ class SegmentationModel(nn.Module):
     def feature_channels(self) -> list[int]:
         return self.encoder.out_channels
 
+    @property
+    def reconstruction_channels(self) -> list[int]:
+        """Widths of a x2-per-stage decoder from the deepest map back up (VQ-Seg's reconstruction
+        branch, shallowest first): the encoder's, or fewer where it stops short of full resolution."""
+        return self.encoder.reconstruction_channels
+
     def encode(self, x: Tensor) -> list[Tensor]:
         return self.encoder(x)
 

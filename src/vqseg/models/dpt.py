@@ -1,13 +1,16 @@
-"""A light DPT head over an encoder pyramid, plus a full-resolution image stem.
+"""A light DPT head over an encoder pyramid, plus a cheap full-resolution image stem.
 
 DPT (Ranftl et al., ICCV 2021) as UniMatch V2's ``DPTHead``: each pyramid level is projected
 (1x1), reassembled to its own scale (strides 4, 8, 16 and 32 of the image, deepest coarsest),
 brought to a common width (3x3) and fused from the deepest up by RefineNet fusion blocks (two
 residual conv units each). Departures, to keep the costly layers at a quarter of the input
-resolution at most on a CPU: bilinear resampling instead of (transposed) strided convolutions,
+resolution (the stem's two at a half, one at full) on a CPU: bilinear resampling instead of (transposed) strided convolutions,
 so one head serves any encoder stride (LiteMedSAM 4, DINOv2 14); and the quarter-resolution
-output is upsampled and fused with a small full-resolution image stem (two 3x3 convs on the
-image), so boundaries are not limited to the encoder's stride. The stem's map is the first
+output is fused with an image stem so boundaries are not limited to the encoder's stride. The
+stem is one 3x3 conv on the image at full resolution; the head brings it to half resolution
+(strided 3x3), fuses it there with the upsampled DPT output (3x3), and only a 1x1 classifier over
+[fused map upsampled, stem] runs at full resolution: at 256 px, 3x3 convs at full resolution
+dominated the CPU step (benchmarks/pretrained_speed.py). The stem's map is the first
 (shallowest) level of the encoder's output list, so feature perturbations that act on every
 level act on it too.
 """
@@ -23,18 +26,17 @@ from torch.nn import functional as F
 DPT_STRIDES = (4, 8, 16, 32)
 
 
-class ImageStem(nn.Sequential):
-    """Two 3x3 conv-BN-ReLU layers at the image's own resolution."""
-
-    def __init__(self, in_channels: int, channels: int) -> None:
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
+
+
+class ImageStem(ConvBNReLU):
+    """One 3x3 conv-BN-ReLU at the image's own resolution (the costly layers run at 1/2 or below)."""
 
 
 class ResidualConvUnit(nn.Module):
@@ -83,12 +85,9 @@ class DPTDecoder(nn.Module):
         self.fusions = nn.ModuleList(FusionBlock(features) for _ in widths)
         half = features // 2
         self.output_conv = nn.Sequential(nn.Conv2d(features, half, 3, padding=1), nn.ReLU(inplace=True))
-        self.full = nn.Sequential(
-            nn.Conv2d(half + stem_channels, stem_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem_channels),
-            nn.ReLU(inplace=True),
-        )
-        self.head = nn.Conv2d(stem_channels, num_classes, 1)
+        self.stem_down = ConvBNReLU(stem_channels, stem_channels, stride=2)
+        self.fuse = ConvBNReLU(half + stem_channels, stem_channels)
+        self.head = nn.Conv2d(2 * stem_channels, num_classes, 1)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         stem, *levels = features
@@ -101,5 +100,8 @@ class DPTDecoder(nn.Module):
         path = self.fusions[-1](rn[-1], None, sizes[-2])
         for i in range(len(rn) - 2, -1, -1):
             path = self.fusions[i](path, rn[i], sizes[i - 1] if i > 0 else sizes[0])
-        coarse = F.interpolate(self.output_conv(path), size=size, mode="bilinear", align_corners=False)
-        return self.head(self.full(torch.cat([coarse, stem], dim=1)))
+        stem_half = self.stem_down(stem)
+        coarse = F.interpolate(self.output_conv(path), size=stem_half.shape[-2:], mode="bilinear", align_corners=False)
+        fused = self.fuse(torch.cat([coarse, stem_half], dim=1))
+        fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
+        return self.head(torch.cat([fused, stem], dim=1))

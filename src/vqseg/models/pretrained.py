@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 PRETRAINED_MODELS = ("litemedsam", "dinov2")
 ENCODER_MODES = ("finetune", "frozen")
 DINOV2_BLOCKS = (2, 5, 8, 11)  # UniMatch V2's intermediate_layer_idx for ViT-S
+BACKBONE_IDENTITY = "backbone_identity"  # a frozen backbone's checkpoint entry (see _drop_frozen_backbone)
 
 
 def default_encoder_input(name: str, image_size: int) -> int:
@@ -140,9 +141,14 @@ class PretrainedEncoder(nn.Module):
         self.frozen = frozen
         self.store = FrozenFeatures()
         self.out_channels = [stem_channels, *backbone.out_channels]
+        # VQ-Seg's reconstruction: two x2 stages from the deepest map (about 1/4 of the input for
+        # LiteMedSAM), then upsampled; further stages at 1/2 and 1 would cost more than the head.
+        self.reconstruction_channels = backbone.out_channels[-3:]
         if frozen:
             backbone.requires_grad_(False)
             backbone.eval()
+            self.register_state_dict_post_hook(_drop_frozen_backbone)
+            self.register_load_state_dict_pre_hook(_restore_frozen_backbone)
 
     def train(self, mode: bool = True) -> PretrainedEncoder:
         """A frozen backbone stays in eval mode whatever a parent module asks."""
@@ -159,14 +165,14 @@ class PretrainedEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         image, provenance = split_channels(x, self.image_channels)
-        stem = self.stem(image)
+        stem = self.stem(image.contiguous(memory_format=torch.channels_last))  # see `channels_last`
         if provenance is not None:
             levels = self._look_up(provenance)
         elif self.frozen:
             levels = [level.to(image.device, torch.float32) for level in self.cached(image)]
         else:
             levels = self.backbone(image)
-        return [stem, *levels]
+        return [stem, *(level.contiguous(memory_format=torch.channels_last) for level in levels)]
 
     def _look_up(self, provenance: Tensor) -> list[Tensor]:
         if not self.frozen or self.store.bank is None:
@@ -179,6 +185,23 @@ class PretrainedEncoder(nn.Module):
             index, coords, valid = provenance_at(provenance, tuple(bank.shape[1:3]))
             levels.append(sample_bank(bank, index.to(bank.device), coords.to(bank.device), valid.to(bank.device)))
         return [level.to(provenance.device) for level in levels]
+
+
+def _drop_frozen_backbone(module: PretrainedEncoder, state: dict, prefix: str, metadata: dict) -> None:
+    """Checkpoints leave out a frozen backbone (23 MB for LiteMedSAM): it never changes and is
+    rebuilt from its weights file. They record which one, so that another file is refused."""
+    for key in [k for k in state if k.startswith(prefix + "backbone.")]:
+        del state[key]
+    state[prefix + BACKBONE_IDENTITY] = module.backbone.identity()
+
+
+def _restore_frozen_backbone(module: PretrainedEncoder, state: dict, prefix: str, *_: object) -> None:
+    stored, current = state.pop(prefix + BACKBONE_IDENTITY, None), module.backbone.identity()
+    if stored is not None and stored != current:
+        raise ConfigError(f"these weights were trained on the frozen encoder {stored!r}; "
+                          f"model.encoder_weights now gives {current!r}")
+    for key, value in module.backbone.state_dict(prefix=prefix + "backbone.").items():
+        state.setdefault(key, value)
 
 
 def _build(name: str, cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
@@ -214,6 +237,15 @@ def _dinov2(cfg: ModelConfig, in_channels: int, num_classes: int) -> Segmentatio
     return _build("dinov2", cfg, in_channels, num_classes)
 
 
+def channels_last(module: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """A pretrained model's method in the channels-last layout (its features are handed over in it).
+
+    oneDNN's CPU convolutions at these widths run about 1.5x faster in it (the frozen VQ-Seg step:
+    4.8 -> 3.3 s, benchmarks/pretrained_speed.py); the U-Net keeps the default layout its
+    recorded benchmarks were measured in."""
+    return module.to(memory_format=torch.channels_last) if cfg.name in PRETRAINED_MODELS else module
+
+
 def pretrained_backbones(module: nn.Module) -> list[nn.Module]:
     """The pretrained backbones inside ``module`` (their weights must not be re-initialised, and
     they train at ``train.encoder_lr`` when fine-tuned)."""
@@ -222,6 +254,15 @@ def pretrained_backbones(module: nn.Module) -> list[nn.Module]:
 
 def frozen_encoders(module: nn.Module) -> list[PretrainedEncoder]:
     return [m for m in module.modules() if isinstance(m, PretrainedEncoder) and m.frozen]
+
+
+def install_bank(module: nn.Module, levels: list[Tensor], device: torch.device) -> None:
+    """Give every frozen encoder in ``module`` one shared bank: per level, the N x C x h x w
+    pyramids of the rows that provenance index 0..N-1 refers to."""
+    encoders = frozen_encoders(module)
+    encoders[0].store.bank = [level.permute(0, 2, 3, 1).to(device, torch.float16).contiguous() for level in levels]
+    for encoder in encoders:
+        encoder.store = encoders[0].store
 
 
 def prepare_frozen_encoders(
@@ -242,12 +283,7 @@ def prepare_frozen_encoders(
     sets = [data.labeled.images, *([data.unlabeled.images] if uses_unlabeled else [])]
     per_set = [foundation.cached_slice_features(first.backbone, first.backbone.identity(), first.backbone.name,
                                                 images, progress=True) for images in sets]
-    first.store.bank = [
-        torch.cat([levels[i] for levels in per_set]).permute(0, 2, 3, 1).contiguous().to(device)
-        for i in range(len(per_set[0]))
-    ]
-    for encoder in encoders:
-        encoder.store = first.store
+    install_bank(module, [torch.cat([levels[i] for levels in per_set]) for i in range(len(per_set[0]))], device)
     val = [x for volume in data.val for x in model_inputs(volume.image, image_size, eval_batch, device)]
     if val:
         first.cached(torch.cat(val), progress=True)

@@ -32,6 +32,7 @@ class UNetEncoder(nn.Module):
         if len(channels) != len(dropout):
             raise ValueError(f"model.channels ({len(channels)}) and model.dropout ({len(dropout)}) differ in length")
         self.out_channels = list(channels)
+        self.reconstruction_channels = list(channels)  # every level doubles: back to full resolution
         self.stem = ConvBlock(in_channels, channels[0], dropout[0])
         self.downs = nn.ModuleList(
             nn.Sequential(nn.MaxPool2d(2), ConvBlock(c_in, c_out, p))

