@@ -420,3 +420,14 @@ def test_frozen_training_run_end_to_end(tmp_path: Path) -> None:
     assert 0 <= summary["best_val_dice"] <= 1
     result = evaluate_run(run, "test", device="cpu")
     assert result["num_volumes"] == len(load_split(cfg, "test"))
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_vqseg_vq_center_standardises_the_quantized_level(center: bool) -> None:
+    cfg = pretrained_config("litemedsam", **{"method.name": "vqseg", "method.codebook_size": 16,
+                                             "method.foundation": "none", "method.vq_center": center})
+    method = build_run_method(cfg, 1, 4)
+    (quantizer,) = method.student.quantizers.values()
+    assert isinstance(quantizer.center, torch.nn.BatchNorm2d) == center
+    (teacher_quantizer,) = method.teacher.quantizers.values()
+    assert isinstance(teacher_quantizer.center, torch.nn.BatchNorm2d) == center
