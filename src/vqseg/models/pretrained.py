@@ -240,8 +240,8 @@ def _dinov2(cfg: ModelConfig, in_channels: int, num_classes: int) -> Segmentatio
 def channels_last(module: nn.Module, cfg: ModelConfig) -> nn.Module:
     """A pretrained model's method in the channels-last layout (its features are handed over in it).
 
-    oneDNN's CPU convolutions at these widths run about 1.5x faster in it (the frozen VQ-Seg step:
-    4.8 -> 3.3 s, benchmarks/pretrained_speed.py); the U-Net keeps the default layout its
+    oneDNN's CPU convolutions at these widths run faster in it (a one-off profile, not a
+    committed benchmark; benchmarks/pretrained_speed.py times the result); the U-Net keeps the default layout its
     recorded benchmarks were measured in."""
     return module.to(memory_format=torch.channels_last) if cfg.name in PRETRAINED_MODELS else module
 
