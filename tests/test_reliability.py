@@ -112,6 +112,25 @@ def test_damaged_best_checkpoint_on_evaluate(capsys, run_copy: Path, kind: str):
     assert snapshot(run_copy) == before
 
 
+def _add_stray_key(state: dict) -> dict:
+    """Weights of another model version: one entry the current model does not have."""
+    return {**state, "head.stray_weight": torch.zeros(2)}
+
+
+def test_mismatched_weights_on_evaluate_and_resume(capsys, run_copy: Path):
+    best, last = run_copy / "best.pt", run_copy / "last.pt"
+    state = torch.load(best, weights_only=True)
+    torch.save({**state, "predictor": _add_stray_key(state["predictor"])}, best)
+    resume = torch.load(last, weights_only=True)
+    torch.save({**resume, "method": _add_stray_key(resume["method"])}, last)
+    before = snapshot(run_copy)
+    assert main(["evaluate", str(run_copy), "--split", "val", "--device", "cpu"]) == 2
+    assert_one_error_line(capsys, "vqseg evaluate: error:", str(best), "does not fit the model", "head.stray_weight")
+    assert main(copy_args(run_copy, "--resume")) == 2
+    assert_one_error_line(capsys, "vqseg train: error:", str(last), "does not fit the model", "head.stray_weight")
+    assert snapshot(run_copy) == before
+
+
 def test_resume_checkpoint_without_training_state(capsys, run_copy: Path):
     shutil.copy(run_copy / "best.pt", run_copy / "last.pt")  # a predictor-only file
     assert main(copy_args(run_copy, "--resume")) == 2

@@ -61,6 +61,23 @@ def load_checkpoint(
     return state
 
 
+def load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """``module.load_state_dict(state)`` with a mismatch reported as one CheckpointError naming the
+    file: torch lists every missing and unexpected key over many lines. A mismatch means the file
+    was written by another version of the code or for another config."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        detail = lines[0] if lines else str(err)
+        if len(detail) > 200:
+            detail = detail[:200] + "..."
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model its config builds ({detail}); it was written by "
+            "another version of vqseg or for another model: retrain, or evaluate it with the version that wrote it"
+        ) from None
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

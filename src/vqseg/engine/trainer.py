@@ -25,6 +25,7 @@ from vqseg.data import DataError, SegmentationData, load_training_data, resolve_
 from vqseg.data.provenance import add_provenance
 from vqseg.engine.checkpoint import (
     load_checkpoint,
+    load_weights,
     replace_atomically,
     rng_state,
     save_atomic,
@@ -300,10 +301,6 @@ def _train(
     if method_uses_unlabeled(cfg) and len(data.unlabeled) == 0:
         raise DataError(f"method {cfg.method.name} needs unlabelled images but the unlabelled training set is empty")
     method = build_run_method(cfg, data.in_channels, data.num_classes).to(device)
-    if info.is_main:  # only now: a start that fails must leave the folder as it was
-        if overwrite:
-            clear_run(run_dir)
-        replace_atomically(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
     method.prepare(data)
     prepare_frozen_encoders(method, data, method.uses_unlabeled, t.image_size, cfg.eval.batch_size, device)
     broadcast_state(method, info)
@@ -317,12 +314,16 @@ def _train(
 
     start_step, best = 0, {"val_dice": -1.0, "step": -1}
     if state is not None:
-        method.load_state_dict(state["method"])
+        load_weights(method, state["method"], checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         streams.load_state_dict(state["samplers"][info.rank])
         set_rng_state(state["rng"][info.rank])
         start_step, best = state["step"], state["best"]
+    if info.is_main:  # only now, the state loaded: a start that fails must leave the folder as it was
+        if overwrite:
+            clear_run(run_dir)
+        replace_atomically(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
 
     log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
     # Closed by the stack on any exit, so an error line starts on a line of its own after the bar.

@@ -22,7 +22,7 @@ from vqseg.data import Volume, load_split
 from vqseg.data.casefiles import label_scale, prediction_filename, resolved_rules, write_labels
 from vqseg.data.prepare import open_prepared
 from vqseg.data.volumes import DataError
-from vqseg.engine.checkpoint import load_checkpoint, replace_atomically
+from vqseg.engine.checkpoint import load_checkpoint, load_weights, replace_atomically
 from vqseg.engine.trainer import build_run_method, select_device
 from vqseg.evaluation.inference import predict_volumes
 from vqseg.evaluation.metrics import ClassScore, aggregate, format_markdown, score_volume
@@ -41,7 +41,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Config, torch.nn.
     state = load_checkpoint(run_dir / f"{checkpoint}.pt")
     method = build_run_method(cfg, cfg.data.in_channels, cfg.data.num_classes)
     predictor = method.predictor()
-    predictor.load_state_dict(state["predictor"])
+    load_weights(predictor, state["predictor"], run_dir / f"{checkpoint}.pt")
     return cfg, predictor, state
 
 
