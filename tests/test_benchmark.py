@@ -61,12 +61,13 @@ def fake_eval(dice: list[float], hd95: float = 5.0, missed: int = 0) -> dict:
     }
 
 
-def make_done(run_dir: Path, dice: list[float], val: list[tuple[int, float]], wall: float = 60.0, **kw) -> None:
+def make_done(
+    run_dir: Path, dice: list[float], val: list[tuple[int, float]], wall: float = 60.0, summary: dict | None = None, **kw
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval_test.json").write_text(json.dumps(fake_eval(dice, **kw)))
-    (run_dir / "summary.json").write_text(
-        json.dumps({"wall_time_s": wall, "iterations_per_s": 2.0, "peak_memory_mb": 100.0, "device": "cpu"})
-    )
+    written = {"wall_time_s": wall, "iterations_per_s": 2.0, "peak_memory_mb": 100.0, "device": "cpu", **(summary or {})}
+    (run_dir / "summary.json").write_text(json.dumps(written))
     records = [{"step": s, "loss": 1.0} for s, _ in val] + [{"step": s, "val_dice": v} for s, v in val]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -231,7 +232,9 @@ def test_aggregation_numbers_tables_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "out"
     make_done(out / "sup" / "3cases_seed0", [0.80, 0.70, 0.90], [(5, 0.5), (10, 0.7), (15, 0.7)], wall=60, missed=1)
     make_done(out / "sup" / "3cases_seed1", [0.70, 0.60, 0.80], [(5, 0.4), (10, 0.6)], wall=180, missed=3)
-    make_done(out / "vq" / "7cases_seed0", [0.9, 0.9, 0.9], [(10, 0.8)], hd95=2.0)
+    # resumed from a checkpoint that predates the recorded training time: its 30 s timed only the last process
+    resumed = {"iterations": 20, "trained_steps_this_process": 5}
+    make_done(out / "vq" / "7cases_seed0", [0.9, 0.9, 0.9], [(10, 0.8)], wall=30, summary=resumed, hd95=2.0)
     suite = load_suite(path)
     records = benchmark.write_results(suite, plan_runs(suite))  # 3 of 10 runs done: tabulate without training
 
@@ -253,9 +256,10 @@ def test_aggregation_numbers_tables_and_plots(tmp_path: Path) -> None:
     assert cells[4] == "[11.47, 138.53]"  # 75 ± t(0.975, 1) 7.07 / sqrt(2), t = 12.706
     assert cells[10] == "2.0 ± 1.4"  # missed 1 and 3
     assert cells[11:14] == ["75.00 ± 7.07", "65.00 ± 7.07", "85.00 ± 7.07"]
-    assert cells[14] == "2.0 ± 1.4"
+    assert cells[14] == "2.0 ± 1.4"  # train time: 1 and 3 min
     vq = next(line for line in md.splitlines() if line.startswith("| vq | 7 |"))
     assert "90.00 ± — | — |" in vq and "2.00 ± —" in vq
+    assert [c.strip() for c in vq.strip("|").split("|")][14] == "n/a" and records[2]["wall_time_s"] is None
     assert "3 of 10 planned runs" in md and "selected on validation" in md
     for plot in ("dice_vs_labeled.png", "val_curves.png"):
         assert (out / plot).stat().st_size > 1000

@@ -210,6 +210,15 @@ class _Interrupted(KeyboardInterrupt):
 def _interrupt_then_resume(cfg, method_class, monkeypatch) -> Path:
     """Train until the 4th optimiser step has happened (after the step-3 checkpoint), die there,
     then resume to the end; returns the run folder."""
+    run = _interrupt(cfg, method_class, monkeypatch)
+    train(cfg, resume=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trained_steps_this_process"] == 3  # it did resume, not retrain from scratch
+    return run
+
+
+def _interrupt(cfg, method_class, monkeypatch) -> Path:
+    """Train until the 4th optimiser step has happened (after the step-3 checkpoint) and die there."""
     run = Path(cfg.output_dir)
     original = method_class.after_step
 
@@ -224,9 +233,6 @@ def _interrupt_then_resume(cfg, method_class, monkeypatch) -> Path:
             train(cfg)
     assert load_checkpoint(run / "last.pt")["step"] == 3
     assert not (run / "summary.json").exists()
-    train(cfg, resume=True)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["trained_steps_this_process"] == 3  # it did resume, not retrain from scratch
     return run
 
 
@@ -276,6 +282,29 @@ def test_resume_is_exact_semi_supervised(tmp_path, monkeypatch):
     assert "unlabeled" in load_checkpoint(run_b / "last.pt")["samplers"][0]
     assert any(k.startswith("teacher.") for k in load_checkpoint(run_b / "last.pt")["method"])
     assert_same_run(run_a, run_b)
+
+
+@pytest.mark.parametrize("earlier_s", [1000.0, None])
+def test_resumed_run_times_every_process(tmp_path, monkeypatch, earlier_s):
+    """The summary's wall time adds the time the checkpoint recorded; a checkpoint written before
+    that record existed leaves it unknown rather than counting only the last process."""
+    cfg = tiny_config(output_dir=str(tmp_path / "r"))
+    run = _interrupt(cfg, Supervised, monkeypatch)
+    state = load_checkpoint(run / "last.pt")
+    assert state["train_time_s"] > 0
+    if earlier_s is None:
+        del state["train_time_s"]
+    else:
+        state["train_time_s"] = earlier_s
+    save_atomic(state, run / "last.pt")
+    train(cfg, resume=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["wall_time_this_process_s"] > 0
+    if earlier_s is None:
+        assert summary["wall_time_s"] is None
+    else:
+        assert summary["wall_time_s"] == pytest.approx(earlier_s + summary["wall_time_this_process_s"])
+        assert load_checkpoint(run / "last.pt")["train_time_s"] > earlier_s
 
 
 def test_resume_without_checkpoint_errors(tmp_path):

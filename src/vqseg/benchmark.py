@@ -343,6 +343,18 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val_dice"]) for r in records if "val_dice" in r]
 
 
+def _train_time(summary: dict[str, Any]) -> float | None:
+    """Training time over every step the run kept; None where it is not known.
+
+    Summaries written before the checkpoint carried the elapsed time (no ``wall_time_this_process_s``)
+    timed only the last process, so a resumed run's figure would undercount.
+    """
+    resumed = summary.get("trained_steps_this_process", summary.get("iterations")) != summary.get("iterations")
+    if resumed and "wall_time_this_process_s" not in summary:
+        return None
+    return summary.get("wall_time_s")
+
+
 def run_record(run: RunSpec) -> dict[str, Any]:
     """One results.csv row: test scores (paper-compatible and honest), selection and cost of a run."""
     ev = _read_json(run.run_dir / "eval_test.json")
@@ -373,7 +385,7 @@ def run_record(run: RunSpec) -> dict[str, Any]:
         best_val_dice=best_val,
         best_step=best_step,
         checkpoint_step=ev.get("checkpoint_step"),
-        wall_time_s=summary.get("wall_time_s"),
+        wall_time_s=_train_time(summary),
         iterations_per_s=summary.get("iterations_per_s"),
         peak_memory_mb=summary.get("peak_memory_mb"),
         device=summary.get("device"),
@@ -566,7 +578,8 @@ def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int, 
         "t interval over seeds, mean ± t(0.975, n−1)·std/√n (— for a single seed). Dice, Jaccard, HD95 and ASD "
         "follow the SSL4MIS convention (a missed structure scores HD95 = ASD = 0), in "
         f"{_distinct(records, 'units')}; (found) columns average distances only where the structure was found, "
-        "and Missed counts structures absent from the prediction, summed over classes and test volumes.",
+        "and Missed counts structures absent from the prediction, summed over classes and test volumes. "
+        "Train time adds up every process of a resumed run (n/a where the checkpoint it resumed predates that record).",
         *_paired_markdown(tests),
     ]
     return "\n".join(lines) + "\n"

@@ -312,7 +312,7 @@ def _train(
     streams = Streams.for_rank(cfg, data, method.uses_unlabeled, info)
     torch.manual_seed(cfg.seed * 7919 + info.rank)  # augmentation/dropout randomness differs per rank
 
-    start_step, best = 0, {"val_dice": -1.0, "step": -1}
+    start_step, best, earlier_s = 0, {"val_dice": -1.0, "step": -1}, 0.0
     if state is not None:
         load_weights(method, state["method"], checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
@@ -320,6 +320,7 @@ def _train(
         streams.load_state_dict(state["samplers"][info.rank])
         set_rng_state(state["rng"][info.rank])
         start_step, best = state["step"], state["best"]
+        earlier_s = state.get("train_time_s")  # None: written before the time was recorded
     if info.is_main:  # only now, the state loaded: a start that fails must leave the folder as it was
         if overwrite:
             clear_run(run_dir)
@@ -370,7 +371,8 @@ def _train(
                         run_dir / "best.pt",
                     )
                 bar.write(f"step {done}: val Dice {score:.4f} (best {best['val_dice']:.4f} at {best['step']})")
-            _save_state(checkpoint_path, cfg, method, optimizer, scheduler, streams, done, best, info)
+            train_time_s = None if earlier_s is None else earlier_s + time.time() - began
+            _save_state(checkpoint_path, cfg, method, optimizer, scheduler, streams, done, best, train_time_s, info)
             saved_step = done
 
     if info.is_main:
@@ -379,7 +381,9 @@ def _train(
         summary = {
             "iterations": t.iterations,
             "trained_steps_this_process": len(step_times),
-            "wall_time_s": elapsed,
+            # every step the run kept, over all its processes (a resumed run's earlier ones included)
+            "wall_time_s": None if earlier_s is None else earlier_s + elapsed,
+            "wall_time_this_process_s": elapsed,
             "median_step_s": median_step,
             "iterations_per_s": 1.0 / median_step if step_times else math.nan,
             "peak_memory_mb": peak_memory_mb(device),
@@ -429,7 +433,16 @@ def _validate(cfg: Config, method: Method, data: SegmentationData, device: torch
 
 
 def _save_state(
-    path, cfg: Config, method, optimizer, scheduler, streams: Streams, step: int, best: dict, info: DistInfo
+    path,
+    cfg: Config,
+    method,
+    optimizer,
+    scheduler,
+    streams: Streams,
+    step: int,
+    best: dict,
+    train_time_s: float | None,
+    info: DistInfo,
 ) -> None:
     """Every rank's sampler and RNG state is gathered so a resumed multi-process run is exact too;
     the resolved config is stored so a resume can refuse settings that would change the run."""
@@ -454,6 +467,7 @@ def _save_state(
                 "rng": [g["rng"] for g in gathered],
                 "step": step,
                 "best": best,
+                "train_time_s": train_time_s,
                 "config": to_dict(cfg),
             },
             path,
