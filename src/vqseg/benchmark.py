@@ -579,7 +579,8 @@ def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int, 
         "follow the SSL4MIS convention (a missed structure scores HD95 = ASD = 0), in "
         f"{_distinct(records, 'units')}; (found) columns average distances only where the structure was found, "
         "and Missed counts structures absent from the prediction, summed over classes and test volumes. "
-        "Train time adds up every process of a resumed run (n/a where the checkpoint it resumed predates that record).",
+        "Train time adds up every process of a resumed run; a run resumed from a checkpoint older than that record "
+        "is left out of its row's time (n/a when none is left).",
         *_paired_markdown(tests),
     ]
     return "\n".join(lines) + "\n"
