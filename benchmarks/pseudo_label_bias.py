@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pseudo_labeller(run_dir: Path, checkpoint: str) -> tuple[object, torch.nn.Module, int]:
     """(config, network, step): best.pt holds only the validated network; last.pt the whole method."""
-    from vqseg.engine.checkpoint import load_checkpoint, load_weights
+    from vqseg.engine.checkpoint import load_weights
     from vqseg.engine.trainer import build_run_method
     from vqseg.evaluation.evaluate import load_run
 
@@ -43,7 +43,7 @@ def pseudo_labeller(run_dir: Path, checkpoint: str) -> tuple[object, torch.nn.Mo
         return cfg, predictor.eval(), int(state["step"])
     cfg, _, state = load_run(run_dir, "last")
     method = build_run_method(cfg, cfg.data.in_channels, cfg.data.num_classes)
-    load_weights(method, load_checkpoint(run_dir / "last.pt")["method"], run_dir / "last.pt")
+    load_weights(method, state["method"], run_dir / "last.pt")
     network = method.teacher if isinstance(getattr(method, "teacher", None), torch.nn.Module) else method.predictor()
     return cfg, network.eval(), int(state["step"])
 
