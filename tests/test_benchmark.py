@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import tiny_overrides
 from scipy import stats
@@ -386,10 +387,31 @@ def test_phantom_smoke_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
     assert 0.0 <= float(test["p_value"]) <= 1.0
 
 
+def _benchmark_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_train_speed_worker_takes_real_training_steps() -> None:
     """benchmarks/train_speed.py times the trainer's own step function; this keeps the two in sync."""
-    spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
-    train_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_speed)
+    train_speed = _benchmark_script("train_speed")
     result = train_speed.measure("vqseg:method.pfa=false,method.codebook_size=64", tiny_overrides(), warmup=1, steps=2)
     assert result["median_s"] > 0 and result["params_m"] > 0
+
+
+def test_pseudo_label_bias_counts_each_true_pixel_once() -> None:
+    """The README's drift diagnosis rests on these four rates; a network with known outputs pins them.
+
+    One 1 x 4 slice, true classes [0, 1, 1, 1]; predictions: background (sure), class 1 (sure),
+    background (sure), class 1 (unsure). Class 1: area 2/3, right 1/3, as background 1/3, ignored 1/3.
+    """
+    bias = _benchmark_script("pseudo_label_bias")
+    sure, unsure = 10.0, 0.1
+    logits = torch.tensor([[sure, 0.0], [0.0, sure], [sure, 0.0], [0.0, unsure]]).T.reshape(1, 2, 1, 4)
+    network = lambda x: logits.expand(x.shape[0], -1, -1, -1)  # noqa: E731
+    images, labels = torch.zeros(2, 1, 1, 4), torch.tensor([[[0, 1, 1, 1]]]).expand(2, -1, -1)
+    rates = bias.class_rates(network, images, labels, threshold=0.95, num_classes=2, batch=1)
+    assert rates[1] == pytest.approx({"area": 2 / 3, "right": 1 / 3, "bg": 1 / 3, "ignored": 1 / 3})
+    assert rates[0] == pytest.approx({"area": 2.0, "right": 1.0, "bg": 1.0, "ignored": 0.0})
