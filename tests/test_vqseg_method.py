@@ -239,7 +239,7 @@ def test_unlabeled_loss_defaults_follow_the_released_code():
     [("eps", 1.5), ("eps", -0.1), ("temperature", 0.0), ("dropout", 1.0), ("codebook_size", 1), ("beta", -1.0),
      ("code_dim", -1), ("foundation_input", -2), ("pfa_tau", 0.0), ("pfa_samples", 0), ("ema_decay", 1.1),
      ("threshold", 2.0), ("lambda_u", -1.0), ("u_rampup", 1.5), ("lambda_rec", -0.5), ("lambda_align", -1.0),
-     ("lambda_vq", -1.0), ("vq_levels", [])],
+     ("lambda_vq", -1.0), ("vq_levels", []), ("dist_align_momentum", 1.0), ("dist_align_momentum", -0.1)],
 )
 def test_out_of_range_settings_are_refused(key, bad):
     with pytest.raises(ConfigError, match=f"method.{key}"):
@@ -420,6 +420,44 @@ def test_recipe_unlabeled_loss_switches(recipe_data, monkeypatch, tmp_path, one_
     (_, teacher_out), = rec.teacher
     pseudo, ignore = (views.mix(t) for t in confident_labels(teacher_out, 0.6))
     assert close(out.logs["loss_u"], unlabeled_loss(rec.runs[1].out.logits, pseudo, 4, ignore, u_loss, u_normalise))
+
+
+def test_recipe_distribution_alignment_sets_the_pseudo_labels(recipe_data, monkeypatch, tmp_path, one_thread):
+    """With ``dist_align`` the pseudo-labels come from the teacher's probabilities rescaled by the
+    labelled batch's class frequencies over the teacher's mean; the threshold applies after."""
+    from vqseg.methods.base import DistributionAlignment, confident_labels, unlabeled_loss
+
+    method, rec, _, out = recorded_step(recipe_data, monkeypatch, tmp_path, **{"method.dist_align": True})
+    (_, _, _, y_l, _), = rec.labeled
+    views, = rec.views
+    (_, teacher_out), = rec.teacher
+    reference = DistributionAlignment(4, 0.99)
+    reference.observe_labels(y_l)  # the prior is the augmented labelled batch's
+    pseudo, ignore = (views.mix(t) for t in confident_labels(teacher_out, 0.6, reference))
+    plain, plain_ignore = (views.mix(t) for t in confident_labels(teacher_out, 0.6))
+    assert not (torch.equal(pseudo, plain) and torch.equal(ignore, plain_ignore))  # alignment matters here
+    assert close(out.logs["loss_u"], unlabeled_loss(rec.runs[1].out.logits, pseudo, 4, ignore, "ce", "valid"))
+    assert close(out.logs["pseudo_kept"], (~ignore).float().mean())
+    state = method.state_dict()  # the running means travel with checkpoints, so a resumed run continues
+    assert torch.equal(state["align.labeled_sum"], reference.labeled_sum)
+    assert torch.equal(state["align.unlabeled_sum"], reference.unlabeled_sum)
+    assert build(recipe_data, monkeypatch, tmp_path, **RECIPE).align is None  # off by default
+
+
+def test_distribution_alignment_moves_the_mean_to_the_labelled_prior():
+    from vqseg.methods.base import DistributionAlignment
+
+    align = DistributionAlignment(2, momentum=0.5)
+    with pytest.raises(RuntimeError, match="labelled batch first"):
+        align(torch.full((1, 2, 1, 1), 0.5))
+    align.observe_labels(torch.tensor([[[0, 1]]]))  # prior 1/2, 1/2 (bias-corrected: the first batch itself)
+    probs = torch.tensor([[0.9, 0.6], [0.1, 0.4]]).reshape(1, 2, 1, 2)  # mean 0.75 / 0.25: class 1 under-predicted
+    aligned = align(probs)
+    expected = probs * torch.tensor([0.5 / 0.75, 0.5 / 0.25]).view(1, 2, 1, 1)
+    torch.testing.assert_close(aligned, expected / expected.sum(dim=1, keepdim=True))
+    assert aligned.argmax(dim=1).tolist() == [[[0, 1]]]  # the second pixel flips to the rarer class
+    align.observe_labels(torch.tensor([[[0, 0]]]))  # the newer batch weighs 0.5 / 0.75, the older 0.25 / 0.75
+    torch.testing.assert_close(align.labeled_sum / (1 - 0.5**2), torch.tensor([5 / 6, 1 / 6]))
 
 
 @pytest.mark.parametrize("mode", ["dropout", "shuffle", "none"])

@@ -260,11 +260,58 @@ def labeled_pdcr(
     return method.pdcr_term(torch.cat([labels, pseudo]), ignore)
 
 
-def confident_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """Hard pseudo-labels and the mask of pixels to ignore (confidence below ``threshold``)."""
+def confident_labels(
+    logits: Tensor, threshold: float, align: "DistributionAlignment | None" = None
+) -> tuple[Tensor, Tensor]:
+    """Hard pseudo-labels and the mask of pixels to ignore (confidence below ``threshold``),
+    from the probabilities after distribution alignment when ``align`` is given."""
     probs = logits.detach().float().softmax(dim=1)
+    if align is not None:
+        probs = align(probs)
     confidence, labels = probs.max(dim=1)
     return labels, confidence < threshold
+
+
+class DistributionAlignment(nn.Module):
+    """p <- normalise(p * prior_labelled / mean_unlabelled) per pixel (ReMixMatch, Berthelot et al. 2020).
+
+    Self-training with a confidence threshold can feed on its own class bias: a teacher that
+    under-segments a structure labels its border background, the student learns that, and the
+    structure shrinks further. Alignment rescales the pseudo-labeller's class probabilities so
+    that their mean over unlabelled pixels follows the class frequencies of the labelled masks.
+    Both are running means over steps (bias-corrected as in Adam, so the first steps use what
+    has been seen); they are buffers, so a resumed run continues with them.
+    """
+
+    def __init__(self, num_classes: int, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("labeled_sum", torch.zeros(num_classes))
+        self.register_buffer("unlabeled_sum", torch.zeros(num_classes))
+        self.register_buffer("labeled_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("unlabeled_steps", torch.zeros((), dtype=torch.long))
+
+    def _update(self, which: str, frequencies: Tensor) -> Tensor:
+        total, steps = getattr(self, f"{which}_sum"), getattr(self, f"{which}_steps")
+        total.mul_(self.momentum).add_(frequencies.to(total), alpha=1 - self.momentum)
+        steps.add_(1)
+        return total / (1 - self.momentum ** steps.item())
+
+    @torch.no_grad()
+    def observe_labels(self, labels: Tensor) -> None:
+        """Fold one labelled batch's class frequencies into the prior."""
+        counts = torch.bincount(labels.flatten(), minlength=self.labeled_sum.numel())
+        self._update("labeled", counts.float() / labels.numel())
+
+    @torch.no_grad()
+    def forward(self, probs: Tensor) -> Tensor:
+        """Aligned N x C x H x W probabilities; folds this batch's mean into the unlabelled estimate."""
+        if self.labeled_steps.item() == 0:
+            raise RuntimeError("distribution alignment needs a labelled batch first (observe_labels)")
+        unlabeled = self._update("unlabeled", probs.mean(dim=(0, 2, 3)))
+        prior = self.labeled_sum / (1 - self.momentum ** self.labeled_steps.item())
+        aligned = probs * (prior / unlabeled.clamp_min(1e-6))[None, :, None, None]
+        return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _pdcr_config(cfg: Config) -> PDCRConfig | None:

@@ -8,6 +8,8 @@
   the weak view (pixels under ``threshold`` confidence ignored; 0 keeps all, as in the paper).
   By default the masked CE summed over kept pixels and divided by all pixels, as the released
   code (``u_loss``, ``u_normalise``). QPM's jumps are logged at logging steps (``vq*_jump_*``).
+  ``dist_align`` (off by default; not in the paper) first aligns the teacher's class
+  probabilities to the labelled masks' class frequencies (see `DistributionAlignment`).
 - L_rec: L1 image reconstruction from the post-VQ bottleneck (dual branch), unperturbed passes.
 - L_align: patch InfoNCE between the post-VQ map (PFA: resize + 1x1 conv) and a frozen foundation
   model's features of the same view. Features are computed once per training slice and warped
@@ -44,6 +46,7 @@ from vqseg.methods.base import (
     U_LOSSES,
     U_NORMALISATIONS,
     Batch,
+    DistributionAlignment,
     Method,
     StepOutput,
     confident_labels,
@@ -90,6 +93,8 @@ class VQSegConfig(MethodConfig):
     pfa_samples: int = 256
     ema_decay: float = 0.99
     threshold: float = 0.95  # as the released code; 0 keeps every pixel (the paper)
+    dist_align: bool = False  # align the teacher's class probabilities to the labelled prior (base.py)
+    dist_align_momentum: float = 0.99  # running means over ~1 / (1 - momentum) steps
     cutmix: bool = True
     u_loss: str = "ce"  # ce (paper and released code) | ce_dice
     u_normalise: str = "valid"  # CE over all pixels (released code) | confident (over kept pixels)
@@ -130,6 +135,7 @@ class VQSegConfig(MethodConfig):
         """Every numeric setting, so that a bad value stops the run at start-up."""
         for key in ("eps", "threshold", "ema_decay", "u_rampup"):
             check_range(f"method.{key}", getattr(self, key), 0, 1)
+        check_range("method.dist_align_momentum", self.dist_align_momentum, 0, 1, high_open=True)
         for key in ("temperature", "pfa_tau"):
             check_range(f"method.{key}", getattr(self, key), 0, low_open=True)
         for key in ("beta", "code_dim", "foundation_input", "lambda_u", "lambda_rec", "lambda_align", "lambda_vq"):
@@ -158,6 +164,7 @@ class VQSeg(Method):
             p.vq_center,
         )
         self.teacher = make_teacher(self.student)
+        self.align = DistributionAlignment(num_classes, p.dist_align_momentum) if p.dist_align else None
         self.perturb = None
         if p.perturbation in ("qpm", "shuffle"):
             self.perturb = QPM(p.eps, p.temperature, mode="jump" if p.perturbation == "qpm" else "shuffle")
@@ -205,8 +212,10 @@ class VQSeg(Method):
         p = self.params
         x_l, y_l, theta_l = self.augment.geometric(batch.labeled, batch.labels)
         views = make_unlabeled_views(self.augment, batch.unlabeled, p.cutmix)
+        if self.align is not None:
+            self.align.observe_labels(y_l)
         with torch.no_grad():
-            pseudo, ignore = confident_labels(self.teacher(views.weak), p.threshold)
+            pseudo, ignore = confident_labels(self.teacher(views.weak), p.threshold, self.align)
         pseudo, ignore = views.mix(pseudo), views.mix(ignore)
 
         # Unperturbed student pass: labelled slices, plus the weak unlabelled views when the
