@@ -320,6 +320,19 @@ def test_vqseg_pfa_is_off_on_its_own_backbone(capsys: pytest.CaptureFixture) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def test_pretrained_methods_train_in_channels_last_and_the_unet_does_not() -> None:
+    """The trainer hands the pretrained pyramid over in channels-last; the head must match it (speed only,
+    so no output would reveal a layout change)."""
+    def conv_layouts(cfg) -> set[bool]:
+        method = build_run_method(cfg, 1, 4)
+        last = [(p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()) for p in method.parameters()
+                if p.dim() == 4]
+        return {is_last for is_last, is_default in last if is_last != is_default}  # 1 x 1 kernels are both
+
+    assert conv_layouts(pretrained_config("dinov2", "frozen", **{"method.name": "vqseg", "method.pfa": False})) == {True}
+    assert conv_layouts(tiny_config()) == {False}
+
+
 def test_finetune_parameter_groups() -> None:
     cfg = pretrained_config("litemedsam", "finetune", **{"train.optimizer": "adamw", "train.lr": 2e-4,
                                                          "train.encoder_lr": 5e-6})
