@@ -280,7 +280,9 @@ class DistributionAlignment(nn.Module):
     structure shrinks further. Alignment rescales the pseudo-labeller's class probabilities so
     that their mean over unlabelled pixels follows the class frequencies of the labelled masks.
     Both are running means over steps (bias-corrected as in Adam, so the first steps use what
-    has been seen); they are buffers, so a resumed run continues with them.
+    has been seen); they are buffers, so a resumed run continues with them. Caveat, measured on the
+    frozen LiteMedSAM suite (README): with a prior that is mostly background, it turns an early,
+    unconfident teacher confidently background almost everywhere, and did worse than no alignment.
     """
 
     def __init__(self, num_classes: int, momentum: float) -> None:
