@@ -293,11 +293,15 @@ class DistributionAlignment(nn.Module):
         self.register_buffer("labeled_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("unlabeled_steps", torch.zeros((), dtype=torch.long))
 
+    def _mean(self, which: str) -> Tensor:
+        """The bias-corrected running mean of ``which`` (labeled or unlabeled)."""
+        return getattr(self, f"{which}_sum") / (1 - self.momentum ** getattr(self, f"{which}_steps"))
+
     def _update(self, which: str, frequencies: Tensor) -> Tensor:
-        total, steps = getattr(self, f"{which}_sum"), getattr(self, f"{which}_steps")
+        total = getattr(self, f"{which}_sum")
         total.mul_(self.momentum).add_(frequencies.to(total), alpha=1 - self.momentum)
-        steps.add_(1)
-        return total / (1 - self.momentum ** steps.item())
+        getattr(self, f"{which}_steps").add_(1)
+        return self._mean(which)
 
     @torch.no_grad()
     def observe_labels(self, labels: Tensor) -> None:
@@ -311,8 +315,7 @@ class DistributionAlignment(nn.Module):
         if self.labeled_steps.item() == 0:
             raise RuntimeError("distribution alignment needs a labelled batch first (observe_labels)")
         unlabeled = self._update("unlabeled", probs.mean(dim=(0, 2, 3)))
-        prior = self.labeled_sum / (1 - self.momentum ** self.labeled_steps.item())
-        aligned = probs * (prior / unlabeled.clamp_min(1e-6))[None, :, None, None]
+        aligned = probs * (self._mean("labeled") / unlabeled.clamp_min(1e-6))[None, :, None, None]
         return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
