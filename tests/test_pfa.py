@@ -100,3 +100,13 @@ def test_stable_with_half_teacher_and_tiny_tau() -> None:
 def test_shape_mismatch_errors() -> None:
     with pytest.raises(ValueError, match="B x D x h x w"):
         patch_infonce(_features(h=6), _features(h=7))
+
+
+def test_each_image_samples_its_own_locations() -> None:
+    """Only sampled student locations get a gradient: each image has num_samples of them, drawn per image."""
+    student = _features(b=4, h=4, w=4).requires_grad_(True)
+    patch_infonce(student, _features(b=4, h=4, w=4, seed=1), num_samples=5,
+                  generator=torch.Generator().manual_seed(3)).backward()
+    sampled = student.grad.abs().sum(dim=1).flatten(1) > 0
+    assert sampled.sum(dim=1).tolist() == [5, 5, 5, 5]
+    assert len({tuple(row.tolist()) for row in sampled}) > 1  # shared locations: 1 / C(16, 5) per pair
