@@ -303,6 +303,7 @@ def test_unimatch_recipe(batch: Batch, monkeypatch: pytest.MonkeyPatch) -> None:
         assert source is v1.weak
         assert torch.equal(view.strong, torch.where(view.box[:, None], intensity[view.perm], intensity))
     assert not torch.equal(v1.strong, v2.strong)
+    assert any(not torch.equal(v.perm, torch.arange(n_l)) for v in views)  # pastes from another image
 
     encs, decs = calls("student", "encoder"), calls("student", "decoder")
     assert len(encs) == 2 and len(decs) == 3
@@ -638,6 +639,7 @@ def test_out_of_range_setting_is_refused(name: str, key: str, value: float) -> N
         ({"method.pretrain_iterations": 6}, "leaves no self-training"),
         ({"method.pretrain_iterations": 2, "train.val_every": 3}, "val_every"),
         ({"train.batch_size": 1}, "batch halves"),
+        ({"train.unlabeled_batch_size": 1}, "batch halves"),
     ],
 )
 def test_bcp_schedule_is_checked_at_start(overrides: dict, message: str) -> None:
@@ -645,5 +647,6 @@ def test_bcp_schedule_is_checked_at_start(overrides: dict, message: str) -> None
         build("bcp", **overrides)
 
 
-def test_bcp_default_pretraining_is_a_quarter_of_the_run() -> None:
-    assert build("bcp", train__iterations=40, train__val_every=5).pretrain_steps == 10
+@pytest.mark.parametrize("iterations", [40, 43])
+def test_bcp_default_pretraining_is_a_quarter_of_the_run(iterations: int) -> None:
+    assert build("bcp", train__iterations=iterations, train__val_every=5).pretrain_steps == 10  # iterations // 4
