@@ -151,3 +151,49 @@ def test_pdcr_total_loss_weights_each_term(net: TinyNet) -> None:
 def test_pdcr_config_needs_a_term() -> None:
     with pytest.raises(ValueError):
         PDCRConfig(layers=[])
+
+
+def test_pdcr_config_defaults_are_the_official_2d_ones() -> None:
+    cfg = PDCRConfig(layers=[PDCRLayer("stem", 64, 0.1)])
+    assert (cfg.patch_sizes, cfg.tau, cfg.sampling, cfg.cross_layer) == ((5, 7, 9), 1.0, "grid", None)
+    assert (cfg.cross_weight, cfg.cross_num_samples, cfg.boundary_boost) == (0.01, 32, 3.0)
+    both = PDCRConfig(layers=[PDCRLayer("stem", 8, 0.1), PDCRLayer("head", 8, 0.1)], cross_layer=("encoder.2", "stem"))
+    assert both.tapped_names() == ["stem", "head", "encoder.2"]
+
+
+def test_pdcr_total_loss_passes_every_setting_to_each_term(net: TinyNet) -> None:
+    """Each layer term gets its own sample count and the shared settings (patch sizes, tau,
+    sampling, ignore label, boundary boost, generator, in order); the cross term contrasts
+    cross_layer[0] against the projected cross_layer[1] at cross_num_samples locations."""
+    x = torch.randn(2, 3, 16, 24)
+    labels = torch.zeros(2, 16, 24, dtype=torch.long)
+    labels[:, 4:12, 6:18] = 1
+    labels[:, 10:, 18:] = 2
+    labels[0, :5] = 255
+    cfg = PDCRConfig(
+        layers=[PDCRLayer("stem", 12, 0.3), PDCRLayer("encoder.2", 6, 0.05)],
+        patch_sizes=(3, 5),
+        tau=0.4,
+        sampling="balanced",
+        cross_layer=("stem", "encoder.0"),
+        cross_weight=0.2,
+        cross_num_samples=10,
+        boundary_boost=1.0,
+    )
+    proj = nn.Linear(16, 8)
+    with FeatureTap(net, cfg.tapped_names()) as tap:
+        net(x)
+        total, parts = pdcr_total_loss(tap, labels, 3, cfg, 255, torch.Generator().manual_seed(0), cross_proj=proj)
+        g = torch.Generator().manual_seed(0)
+        shared = dict(patch_sizes=(3, 5), tau=0.4, sampling="balanced", ignore_index=255, boundary_boost=1.0)
+        stem = pdcr_loss(tap["stem"], labels, 3, num_samples=12, generator=g, **shared)
+        deep = pdcr_loss(tap["encoder.2"], labels, 3, num_samples=6, generator=g, **shared)
+        cross = cross_layer_pdcr_loss(
+            tap["stem"], tap["encoder.0"], labels, 3, num_samples=10, generator=g, proj=proj, **shared
+        )
+    torch.testing.assert_close(parts["pdcr/stem"], stem.detach())
+    torch.testing.assert_close(parts["pdcr/encoder.2"], deep.detach())
+    torch.testing.assert_close(parts["pdcr/cross/stem~encoder.0"], cross.detach())
+    torch.testing.assert_close(total, 0.3 * stem + 0.05 * deep + 0.2 * cross)
+    total.backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0

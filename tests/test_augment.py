@@ -275,3 +275,131 @@ def test_weak_view_is_geometry_only_and_strong_view_is_its_mixed_intensity_draw(
     # The pseudo-labels follow the same box and partner as the image.
     target = torch.arange(4).view(4, 1, 1).expand(4, 16, 16)
     assert torch.equal(views.mix(target), torch.where(views.box, views.perm.view(4, 1, 1), target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe: each draw of the geometric and intensity augmentation, stated from first principles
+# ---------------------------------------------------------------------------------------------
+
+
+def test_affine_is_flip_then_rotation_divided_by_the_zoom():
+    """theta[:, :, :2] = R(angle) @ diag(flip, 1) / zoom, no translation: a similarity per sample."""
+    aug = Augmenter(AugConfig(flip=True, rot90=True, rotate_deg=30.0, scale=[0.5, 2.0]))
+    theta = aug.random_affine(400, torch.device("cpu")).double()
+    linear = theta[:, :, :2]
+    assert not theta[:, :, 2].any()
+    gram = linear @ linear.transpose(1, 2)
+    inv_zoom_sq = gram[:, 0, 0]
+    torch.testing.assert_close(gram, inv_zoom_sq[:, None, None] * torch.eye(2, dtype=torch.float64).expand(400, 2, 2))
+    zoom = inv_zoom_sq.rsqrt()
+    assert zoom.min() >= 0.5 - 1e-6 and zoom.max() <= 2.0 + 1e-6 and zoom.min() < 0.6 and zoom.max() > 1.8
+    flip = torch.sign(torch.linalg.det(linear))
+    assert 0.4 < (flip < 0).double().mean() < 0.6  # a mirror in half of the samples
+    # the second column is the rotation's: (-sin, cos) / zoom, whatever the flip
+    torch.testing.assert_close(linear[:, 0, 1] ** 2 + linear[:, 1, 1] ** 2, inv_zoom_sq)
+
+
+def test_rotation_angle_is_symmetric_and_scale_magnifies():
+    aug = Augmenter(AugConfig(**{**NO_GEOMETRY, "rotate_deg": 20.0}))
+    theta = aug.random_affine(300, torch.device("cpu"))
+    angle = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
+    torch.testing.assert_close(theta[:, 0, 1], -theta[:, 1, 0])
+    assert angle.abs().max() <= 20.0 + 1e-4 and angle.min() < -15.0 and angle.max() > 15.0
+    assert abs(angle.mean()) < 3.0
+    # scale s: the output shows the input magnified s times (theta maps output to input by 1 / s)
+    zoom_in = Augmenter(AugConfig(**{**NO_GEOMETRY, "scale": [2.0, 2.0]})).random_affine(3, torch.device("cpu"))
+    torch.testing.assert_close(zoom_in, torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]).expand(3, 2, 3))
+    image = torch.zeros(1, 1, 8, 8)
+    image[..., 2:6, 2:6] = 1.0  # the central half, magnified 2x, fills the frame
+    assert Augmenter.warp(image, zoom_in[:1])[..., 1:7, 1:7].eq(1).all()
+    zoom_out = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
+    shrunk = Augmenter.warp(torch.ones(1, 1, 8, 8), zoom_out)
+    assert shrunk[..., 2:6, 2:6].eq(1).all() and shrunk[..., :2, :].eq(0).all()  # zero padding outside
+
+
+def _with_channel_means(n: int = 4) -> torch.Tensor:
+    """Two channels with different levels, so a per-channel mean differs from the per-sample one."""
+    images = torch.rand(n, 2, 10, 9)
+    images[:, 0] = 0.2 + 0.3 * images[:, 0]
+    images[:, 1] = 0.5 + 0.4 * images[:, 1]
+    return images
+
+
+@pytest.mark.parametrize("contrast, gamma", [(2.0, 1.0), (1.0, 2.0), (0.5, 0.6), (3.0, 0.5)])
+def test_contrast_about_the_sample_mean_then_clamped_gamma(contrast, gamma):
+    """x <- clamp((x - mean) c + mean, 0, 1) ** g, mean over all channels and pixels of a sample."""
+    aug = Augmenter(AugConfig(**{**NO_INTENSITY, "contrast": [contrast, contrast], "gamma": [gamma, gamma]}))
+    images = _with_channel_means()
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    expected = ((images - mean) * contrast + mean).clamp(0, 1) ** gamma
+    out = aug.intensity(images)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected.clamp(0, 1))
+
+
+def test_intensity_leaves_provenance_channels_alone():
+    aug = Augmenter(AugConfig(noise_std=0.1, blur_prob=1.0, contrast=[2.0, 2.0]), image_channels=1)
+    images = torch.rand(3, 5, 12, 12)  # 1 image channel + 4 provenance channels
+    out = aug.intensity(images)
+    assert torch.equal(out[:, 1:], images[:, 1:])
+    assert (out[:, :1] - images[:, :1]).abs().max() > 0.1
+
+
+def reference_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """7 x 7 separable Gaussian with reflected borders."""
+    offsets = torch.arange(7, dtype=torch.float64) - 3
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    padded = F.pad(x, (3, 3, 3, 3), mode="reflect")
+    c = x.shape[1]
+    rows = F.conv2d(padded, kernel.view(1, 1, 7, 1).expand(c, 1, 7, 1), groups=c)
+    return F.conv2d(rows, kernel.view(1, 1, 1, 7).expand(c, 1, 1, 7), groups=c)
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.4])
+def test_blur_is_a_7x7_gaussian_with_the_drawn_sigma(sigma):
+    aug = Augmenter(AugConfig(**{**NO_INTENSITY, "blur_prob": 1.0, "blur_sigma": [sigma, sigma]}))
+    images = torch.rand(3, 1, 12, 11)
+    torch.testing.assert_close(aug.intensity(images), reference_blur(images, sigma), atol=1e-5, rtol=0)
+
+
+def test_blur_probability_is_per_sample():
+    aug = Augmenter(AugConfig(**{**NO_INTENSITY, "blur_prob": 0.25}))
+    images = torch.rand(400, 1, 8, 8)
+    blurred = (aug.intensity(images) != images).flatten(1).any(1).float().mean()
+    assert 0.18 < blurred < 0.32
+
+
+def test_noise_level_is_drawn_per_sample_up_to_noise_std():
+    """x + noise_std * U(0, 1) * N(0, 1): each sample gets its own noise level in [0, noise_std]."""
+    aug = Augmenter(AugConfig(**{**NO_INTENSITY, "noise_std": 0.1}))
+    images = torch.full((64, 1, 32, 32), 0.5)
+    levels = (aug.intensity(images) - images).flatten(1).std(1)
+    assert levels.max() < 0.1 * 1.1 and levels.max() > 0.08 and levels.min() < 0.02
+    assert 0.035 < levels.mean() < 0.065
+
+
+@pytest.mark.parametrize("size, prob", [((32, 32), 1.0), ((24, 40), 0.6)])
+def test_cutmix_box_replayed_from_its_draws(size, prob):
+    """UniMatch's box: area U(0.02, 0.4) H W, aspect ratio log-uniform in [0.3, 1 / 0.3], sides
+    sqrt(area * r) x sqrt(area / r) clipped to the image, corner uniform so the box fits,
+    pixels y0 <= y < y0 + bh (same for x); then kept with probability cutmix_prob."""
+    aug = Augmenter(AugConfig(cutmix_prob=prob))
+    n, (h, w) = 200, size
+    torch.manual_seed(7)
+    mask = aug.cutmix_mask(n, size, torch.device("cpu"))
+    torch.manual_seed(7)
+    area = (0.02 + (0.4 - 0.02) * torch.rand(n)) * h * w
+    log_lo, log_hi = math.log(0.3), math.log(1 / 0.3)
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n))
+    bh, bw = torch.sqrt(area * ratio).clamp(max=h), torch.sqrt(area / ratio).clamp(max=w)
+    y0, x0 = torch.rand(n) * (h - bh), torch.rand(n) * (w - bw)
+    active = torch.rand(n) < prob
+    for i in range(n):
+        ys = torch.arange(h)
+        xs = torch.arange(w)
+        rows = (ys >= y0[i]) & (ys < y0[i] + bh[i])
+        cols = (xs >= x0[i]) & (xs < x0[i] + bw[i])
+        expected = rows[:, None] & cols[None, :] & active[i]
+        assert torch.equal(mask[i], expected), i
+    assert 0 < int(active.sum()) and (prob == 1.0 or not active.all())

@@ -324,3 +324,113 @@ def test_runs_on_cuda() -> None:
         loss = pdcr_loss(features, labels, 3, sampling=sampling, generator=torch.Generator().manual_seed(0))
         loss.backward()
         assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe details: defaults, the cross-layer pairs, receptive patches, balanced sampling weights
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_cross_pdcr(
+    fa: Tensor, fb: Tensor, labels: Tensor, num_classes: int, tau: float, patch_sizes: tuple[int, ...]
+) -> Tensor:
+    """Every cell i of map a against map b read at the cell containing i's centre pixel; self pairs kept."""
+    (h, w), (hb, wb), (H, W) = fa.shape[-2:], fb.shape[-2:], labels.shape[-2:]
+    centres = cell_centres((h, w), (H, W))
+    b_cells = [(int(r) * hb // H) * wb + int(c) * wb // W for r, c in centres]
+    va = fa.flatten(2)[0].T
+    vb = fb.flatten(2)[0].T[b_cells]
+    n = h * w
+    per_size = []
+    for p in patch_sizes:
+        dist = class_distribution(labels, centres[None], p, num_classes)[0]
+        terms = []
+        for i in range(n):
+            s = F.cosine_similarity(va[i][None], vb, dim=1) / tau
+            a = 1 - 0.5 * (dist[i] - dist).abs().sum(1)
+            denominator = torch.exp((1 - a) * s).sum()
+            terms += [-torch.log(torch.exp(a[j] * s[j]) / denominator) for j in range(n)]
+        per_size.append(torch.stack(terms).mean())
+    return torch.stack(per_size).mean()
+
+
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+def test_cross_layer_matches_pairwise_reference(tau: float) -> None:
+    labels = torch.zeros(1, 12, 20, dtype=torch.long)
+    labels[:, 2:8, 4:13] = 1
+    labels[:, 6:, 14:] = 2
+    g = torch.Generator().manual_seed(2)
+    fa, fb = torch.randn(1, 5, 3, 5, generator=g), torch.randn(1, 5, 4, 7, generator=g)
+    loss = cross_layer_pdcr_loss(fa, fb, labels, 3, patch_sizes=(3, 5), num_samples=15, tau=tau)
+    torch.testing.assert_close(loss, reference_cross_pdcr(fa, fb, labels, 3, tau, (3, 5)))
+
+
+def test_defaults_are_the_official_2d_settings() -> None:
+    """Hierarchical patches (5, 7, 9), 32 samples on a grid, tau = 1 (METHODS.md §2)."""
+    labels = rectangles().expand(2, -1, -1)
+    g = torch.Generator().manual_seed(4)
+    fa, fb = torch.randn(2, 6, 12, 20, generator=g), torch.randn(2, 6, 6, 10, generator=g)
+    explicit = dict(patch_sizes=(5, 7, 9), num_samples=32, tau=1.0, sampling="grid")
+    torch.testing.assert_close(pdcr_loss(fa, labels, 3), pdcr_loss(fa, labels, 3, **explicit))
+    cross = cross_layer_pdcr_loss(fa, fb, labels, 3)
+    torch.testing.assert_close(cross, cross_layer_pdcr_loss(fa, fb, labels, 3, **explicit))
+    default = pdcr_loss(fa, labels, 3).item()
+    for changed in (dict(tau=0.5), dict(num_samples=16), dict(patch_sizes=(5, 7))):
+        assert pdcr_loss(fa, labels, 3, **{**explicit, **changed}).item() != pytest.approx(default)
+
+
+def test_receptive_patch_is_the_rounded_cell_footprint() -> None:
+    """14 x 20 labels over a 4 x 6 map: footprint round(3.5) x round(3.33) = 4 x 3 pixels."""
+    labels = torch.randint(0, 3, (1, 14, 20), generator=torch.Generator().manual_seed(6))
+    features = torch.randn(1, 5, 4, 6, generator=torch.Generator().manual_seed(7))
+    receptive = pdcr_loss(features, labels, 3, "receptive", num_samples=24)
+    torch.testing.assert_close(receptive, pdcr_loss(features, labels, 3, ((4, 3),), num_samples=24))
+    assert receptive.item() != pytest.approx(pdcr_loss(features, labels, 3, ((3, 3),), num_samples=24).item())
+
+
+def test_balanced_sampling_weights_boundaries_and_class_frequency() -> None:
+    """P(pick cell) is proportional to (1 + 3 [largest patch holds > 1 class]) / count(valid cells of
+    the centre's class); ignored centres are never picked and do not count."""
+    labels = torch.zeros(10, 10, dtype=torch.long)
+    labels[1:4, 1:4] = 1
+    labels[7:] = 255
+    patches = (1, 3)
+    # expected weights, cell by cell (cells are pixels here)
+    valid = labels != 255
+    freq = {c: int(((labels == c) & valid).sum()) for c in (0, 1)}
+    weight = torch.zeros(10, 10, dtype=torch.float64)
+    mixed = torch.zeros(10, 10, dtype=torch.bool)
+    for r in range(10):
+        for c in range(10):
+            if not valid[r, c]:
+                continue
+            window = labels[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2]
+            mixed[r, c] = len(set(window[window != 255].tolist())) > 1
+            weight[r, c] = (1 + 3 * mixed[r, c].item()) / freq[int(labels[r, c])]
+    expected = weight / weight.sum()
+    n = 8000
+    index, _, _ = sample_locations(
+        labels.expand(n, -1, -1), (10, 10), 2, 1, "balanced", patches, ignore_index=255,
+        generator=torch.Generator().manual_seed(0),
+    )
+    observed = torch.bincount(index[:, 0], minlength=100).double().view(10, 10) / n
+    assert observed[~valid].sum() == 0
+    for group in (labels == 1, (labels == 0) & mixed, (labels == 0) & ~mixed & valid):
+        assert observed[group].sum().item() == pytest.approx(expected[group].sum().item(), abs=0.02)
+    # without replacement: 5 distinct valid cells per draw
+    index, _, ok = sample_locations(labels[None], (10, 10), 2, 5, "balanced", patches, ignore_index=255)
+    assert len(set(index[0].tolist())) == 5 and ok.all()
+
+
+def test_cross_layer_trains_both_layers_through_the_projection() -> None:
+    labels = rectangles().expand(2, -1, -1)
+    fa = torch.randn(2, 8, 12, 20, requires_grad=True)
+    fb = torch.randn(2, 4, 6, 10, requires_grad=True)
+    proj = nn.Linear(4, 8)
+    loss = cross_layer_pdcr_loss(fa, fb, labels, 3, num_samples=16, proj=proj)
+    loss.backward()
+    assert fa.grad.abs().sum() > 0 and fb.grad.abs().sum() > 0 and proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # the projected b vectors are what a is contrasted with
+        projected = F.conv2d(fb, proj.weight[:, :, None, None], proj.bias)
+        expected = cross_layer_pdcr_loss(fa, projected, labels, 3, num_samples=16)
+    torch.testing.assert_close(loss.detach(), expected)

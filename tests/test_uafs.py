@@ -75,3 +75,28 @@ def test_autocast_keeps_input_dtype() -> None:
 def test_rejects_invalid_configuration(m: int, kernel_size: int) -> None:
     with pytest.raises(ValueError):
         UAFS(4, m=m, kernel_size=kernel_size)
+
+
+def test_forward_from_first_principles() -> None:
+    """A = conv1x1(ReLU(BN(conv3x3(X)))) with M = 2 channels (defaults), U = H(softmax A) / log M,
+    X' = X + X (1 - U); batch norm normalises with the batch statistics in training mode."""
+    torch.manual_seed(3)
+    block = UAFS(6).train()
+    conv, norm, relu, head = block.attention
+    assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+    assert (conv.in_channels, conv.out_channels, head.in_channels, head.out_channels) == (6, 6, 6, 2)
+    assert isinstance(norm, torch.nn.BatchNorm2d) and isinstance(relu, torch.nn.ReLU)
+    assert head.kernel_size == (1, 1)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, 5, 7)
+    z = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    mean, var = z.mean(dim=(0, 2, 3), keepdim=True), z.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    z = (z - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    attention = F.conv2d(z.clamp_min(0), head.weight, head.bias)
+    p = attention.softmax(1)
+    u = -(p * p.log()).sum(1, keepdim=True) / math.log(2)
+    out = block(x)
+    torch.testing.assert_close(block.last_uncertainty, u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, x + x * (1 - u), atol=1e-5, rtol=1e-5)
