@@ -307,10 +307,14 @@ def test_frozen_running_stats_restores_each_momentum_and_keeps_both_statistics()
     x = torch.randn(4, 3, 5, 5) * 3 + 1
     model[0].running_mean.fill_(0.5)
     model[0].running_var.fill_(2.0)
+    model[1].num_batches_tracked.fill_(4)
     with frozen_running_stats(model):
         y = model[0](x)
+        model[1](torch.randn(6, 2))
     assert torch.equal(model[0].running_mean, torch.full((3,), 0.5))
     assert torch.equal(model[0].running_var, torch.full((3,), 2.0))
+    assert model[0].num_batches_tracked == 0 and model[1].num_batches_tracked == 4  # a frozen pass is not counted
+    assert torch.equal(model[1].running_mean, torch.zeros(2))
     mean, var = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + 1e-5), atol=1e-5, rtol=1e-5)
     assert model[0].momentum == 0.3 and model[1].momentum is None

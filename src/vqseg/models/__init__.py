@@ -77,16 +77,20 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
 
     For passes whose features are deliberately corrupted (VQ-Seg's perturbed codes): otherwise
     the running statistics used at evaluation drift towards the corrupted feature distribution.
+    The batch counter is restored too: a cumulative-average norm (``momentum=None``) weighs the
+    next batches by it.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(norms, saved):
+        for m, (momentum, tracked) in zip(norms, saved):
             m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 # Registers litemedsam and dinov2 (imported last: it builds on the registry above).
