@@ -144,6 +144,17 @@ def test_bad_suites_are_rejected(tmp_path: Path, bad: dict) -> None:
         load_suite(write_suite(tmp_path, **bad))
 
 
+@pytest.mark.parametrize(
+    "bad, key",
+    [({"seeds": [0, 0]}, "seeds"), ({"labeled_cases": [3, 7, 3]}, "labeled_cases"),
+     ({"runs": {"sup": {"set": ["method.name=supervised"], "seeds": [1, 1]}}}, "runs.sup.seeds")],
+)
+def test_repeated_seeds_or_counts_are_rejected(tmp_path: Path, bad: dict, key: str) -> None:
+    """A repeat would plan one run folder twice: trained by two processes at once, counted twice."""
+    with pytest.raises(ConfigError, match=rf"suite key {key}: .* repeats a value"):
+        load_suite(write_suite(tmp_path, **bad))
+
+
 def test_skips_done_resumes_partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = {"sup": ["method.name=supervised"], "vq": ["method.name=vqseg"]}
     path = write_suite(tmp_path, labeled_cases=[3], seeds=[0], runs=rows)

@@ -376,3 +376,53 @@ def test_compare_volumes_shape_mismatch_names_both_files(tmp_path):
     msg = str(info.value)
     for part in (str(tmp_path / "pred.nii.gz"), str(tmp_path / "gt.nii.gz"), "(4, 5, 6)", "(4, 5, 7)"):
         assert part in msg
+
+
+def test_aggregate_counts_every_missed_and_spurious_structure() -> None:
+    """Honest counts add up over volumes per class and over classes in the mean."""
+    vols = [
+        [cs(0.0, 0.0, False, missed=True), cs(0.0, 0.0, False, missed=True), cs(0.0, 0.0, False, spurious=True)],
+        [cs(0.0, 0.0, False, missed=True), cs(0.7, 3.0, True), cs(0.0, 0.0, False, spurious=True)],
+        [cs(0.9, 1.0, True), cs(0.0, 0.0, False, missed=True), cs(0.0, 0.0, False, spurious=True)],
+    ]
+    out = aggregate(vols, ["RV", "Myo", "LV"])
+    honest = out["honest"]["per_class"]
+    assert [(honest[c]["missed"], honest[c]["spurious"]) for c in ("RV", "Myo", "LV")] == [(2, 0), (2, 0), (0, 3)]
+    assert (out["honest"]["mean"]["missed"], out["honest"]["mean"]["spurious"]) == (4, 3)
+    assert out["paper"]["per_class"]["LV"]["hd95"] == 0.0 and honest["LV"]["hd95"] is None
+    assert out["honest"]["mean"]["hd95"] == pytest.approx((1.0 + 3.0) / 2)  # classes never found are left out
+
+
+def test_compare_volumes_takes_spacing_from_whichever_header_has_one(tmp_path) -> None:
+    """A NIfTI prediction against an HDF5 ground truth (no spacing): distances in mm from the NIfTI
+    zooms; two HDF5 files: voxels. Classes in neither file are listed as absent, not scored."""
+    pred, gt = label_pair()  # shape (6, 32, 28)
+    zooms = (10.0, 1.5, 0.75)
+    write_nifti(tmp_path / "pred.nii.gz", pred, zooms=zooms)
+    write_h5(tmp_path / "pred.h5", label=pred)
+    write_h5(tmp_path / "gt.h5", label=gt)
+    write_nifti(tmp_path / "gt.nii.gz", gt, zooms=zooms)
+    p1, g1 = pred == 1, gt == 1
+    for pred_path, gt_path in (("pred.nii.gz", "gt.h5"), ("pred.h5", "gt.nii.gz")):
+        out = compare_volumes(tmp_path / pred_path, tmp_path / gt_path, num_classes=6)
+        assert (out["units"], out["spacing"]) == ("mm", list(zooms))
+        assert out["classes"]["1"]["hd95"] == pytest.approx(mb.hd95(p1, g1, zooms), abs=TOL)
+        assert out["classes"]["1"]["asd"] == pytest.approx(mb.asd(p1, g1, zooms), abs=TOL)
+        assert out["absent"] == [4, 5]
+        assert format_compare(out).splitlines()[-1] == "not scored (in neither file): classes 4, 5"
+    out = compare_volumes(tmp_path / "pred.h5", tmp_path / "gt.h5")
+    assert (out["units"], out["spacing"], out["absent"]) == ("voxels", None, [])
+    assert out["classes"]["1"]["hd95"] == pytest.approx(mb.hd95(p1, g1), abs=TOL)
+    assert format_compare(out).splitlines()[-1] == "distances in voxels"
+
+
+def test_label_maps_with_many_values_are_taken_for_images_only_above_the_limit(tmp_path) -> None:
+    """Without --num-classes at most 32 distinct values (0..31) are a label map; 33 look like an image."""
+    ramp = np.arange(33).reshape(1, 3, 11)
+    write_h5(tmp_path / "labels.h5", label=np.minimum(ramp, 31))
+    write_h5(tmp_path / "image.h5", label=ramp)
+    out = compare_volumes(tmp_path / "labels.h5", tmp_path / "labels.h5")
+    assert len(out["classes"]) == 31 and out["mean"]["dice"] == 1.0
+    with pytest.raises(ValueError, match="33 distinct values .* intensity image"):
+        compare_volumes(tmp_path / "image.h5", tmp_path / "labels.h5")
+    assert len(compare_volumes(tmp_path / "image.h5", tmp_path / "image.h5", num_classes=33)["classes"]) == 32

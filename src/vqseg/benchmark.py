@@ -102,6 +102,8 @@ def _int_list(value: Any, key: str) -> list[int]:
         value = [value]
     if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
         raise ConfigError(f"suite key {key}: expected a non-empty list of integers, got {value!r}")
+    if len(set(value)) != len(value):  # the same run folder would be planned, trained and counted twice
+        raise ConfigError(f"suite key {key}: {value!r} repeats a value")
     return value
 
 
@@ -130,7 +132,7 @@ def load_suite(path: Path, output: str | Path | None = None) -> Suite:
     if not isinstance(raw.get("runs"), dict) or not raw["runs"]:
         raise ConfigError(f"suite file {path}: 'runs' must map row labels to overrides")
 
-    default_cases = raw.get("labeled_cases")
+    default_cases = _int_list(raw["labeled_cases"], "labeled_cases") if raw.get("labeled_cases") is not None else None
     default_seeds = _int_list(raw.get("seeds", [0]), "seeds")
     rows: dict[str, dict[str, Any]] = {}
     for label, spec in raw["runs"].items():
