@@ -279,8 +279,10 @@ class DistributionAlignment(nn.Module):
     under-segments a structure labels its border background, the student learns that, and the
     structure shrinks further. Alignment rescales the pseudo-labeller's class probabilities so
     that their mean over unlabelled pixels follows the class frequencies of the labelled masks.
-    Both are running means over steps (bias-corrected as in Adam, so the first steps use what
-    has been seen); they are buffers, so a resumed run continues with them. Caveat, measured on the
+    Both are running means over steps, bias-corrected as in Adam; the corrections cancel in the
+    ratio while both have seen the same number of steps (one labelled and one unlabelled batch a
+    step, as in VQ-Seg), so they matter only when the counts differ. They are buffers, so a resumed
+    run continues with them. Caveat, measured on the
     frozen LiteMedSAM suite (README): with a prior that is mostly background, it turns an early,
     unconfident teacher confidently background almost everywhere, and did worse than no alignment.
     """
