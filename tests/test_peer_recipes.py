@@ -19,6 +19,7 @@ from test_peer_methods import (
     AugSpy,
     Recorder,
     _record_boxes,
+    batch,  # noqa: F401  (module-scoped fixture, 4 labelled + 4 unlabelled 32 x 32 slices)
     build,
     close,
     same_state,
@@ -31,8 +32,6 @@ from torch.nn import functional as F
 
 from vqseg.config import load_config
 from vqseg.data.provenance import PROVENANCE_CHANNELS
-from vqseg.data.phantom import make_cases
-from vqseg.data.volumes import stack_slices
 from vqseg.engine.trainer import build_network, build_run_method
 from vqseg.methods import unimatch as unimatch_module
 from vqseg.methods.base import Batch, Method, seg_loss
@@ -40,14 +39,6 @@ from vqseg.methods.bcp import largest_components, paste_box
 from vqseg.methods.cps import init_conv_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def batch() -> Batch:
-    """The batch of test_peer_methods.py: 4 labelled and 4 unlabelled phantom slices of 32 x 32."""
-    labeled = stack_slices(make_cases(11, 1, "lab"), 32, keep_labels=True)
-    unlabeled = stack_slices(make_cases(12, 1, "unl"), 32, keep_labels=False)
-    return Batch(labeled.images[:4], labeled.labels[:4].long(), unlabeled.images[:4])
 
 
 # ---------------------------------------------------------------------------------------------
