@@ -282,9 +282,9 @@ class DistributionAlignment(nn.Module):
     Both are running means over steps, bias-corrected as in Adam; the corrections cancel in the
     ratio while both have seen the same number of steps (one labelled and one unlabelled batch a
     step, as in VQ-Seg), so they matter only when the counts differ. They are buffers, so a resumed
-    run continues with them. Caveat, measured on the
-    frozen LiteMedSAM suite (README): with a prior that is mostly background, it turns an early,
-    unconfident teacher confidently background almost everywhere, and did worse than no alignment.
+    run continues with them. Caveat, measured on the frozen LiteMedSAM suite (README): with a prior
+    that is mostly background, it turns an early, unconfident teacher confidently background almost
+    everywhere, and did worse than no alignment.
     """
 
     def __init__(self, num_classes: int, momentum: float) -> None:
