@@ -53,6 +53,21 @@ def test_ema_averages_float_buffers_copies_counters_and_teacher_is_independent()
     assert student[0].weight.requires_grad  # the student is untouched
 
 
+def test_parameters_the_student_does_not_train_are_left_alone():
+    """A frozen backbone (requires_grad False in the student) is not averaged: a teacher value that
+    differs from the student's stays as it is, while the trainable parameters are averaged."""
+    student = _net(1.0)
+    student[0].requires_grad_(False)
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(3.0)
+    ema_update(teacher, student, decay=0.5, step=1000)
+    assert torch.equal(teacher[0].weight, torch.full((2, 2), 3.0)) and torch.equal(teacher[0].bias, torch.full((2,), 3.0))
+    for p in teacher[1].parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 0.5 * 3.0 + 0.5 * 1.0))
+
+
 class Registered(nn.Module):
     """One parameter and one buffer per name, registered in the given order."""
 

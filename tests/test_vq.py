@@ -105,16 +105,40 @@ def test_usage_statistics_on_hand_made_case() -> None:
     assert vq.usage() == pytest.approx({"fraction_used": 0.0, "perplexity": 1.0})
 
 
-def test_state_dict_round_trip_keeps_frozen_table() -> None:
+def test_state_dict_holds_the_frozen_table_and_loading_uses_the_saved_one() -> None:
+    """The table is saved (float32, as drawn): a checkpoint keeps its codes even where this torch
+    build would draw another table from the seed; code usage is not saved."""
     vq = VectorQuantizer(dim=8, codebook_size=32, table_seed=3)
-    other = VectorQuantizer(dim=8, codebook_size=32, table_seed=3)
     different = VectorQuantizer(dim=8, codebook_size=32, table_seed=4)
     assert not torch.equal(vq.frozen_codebook, different.frozen_codebook)
     state = vq.state_dict()
-    assert set(state) == {"mapping.weight"}  # the table is regenerated from its seed; usage is not saved
-    other.load_state_dict(state)
-    assert torch.equal(other.frozen_codebook, vq.frozen_codebook)
-    torch.testing.assert_close(other.codebook, vq.codebook)
+    assert set(state) == {"frozen_codebook", "mapping.weight"}
+    assert state["frozen_codebook"].dtype == torch.float32 and torch.equal(state["frozen_codebook"], vq.frozen_codebook)
+    different.load_state_dict(state)
+    assert torch.equal(different.frozen_codebook, vq.frozen_codebook)
+    torch.testing.assert_close(different.codebook, vq.codebook)
+    assert not different.frozen_codebook.requires_grad
+    assert [name for name, p in vq.named_parameters() if p.requires_grad] == ["mapping.weight"]
+
+
+def test_a_state_without_the_table_regenerates_it_from_the_seed_and_says_so(monkeypatch, capsys) -> None:
+    """Checkpoints written before the table was saved still load strictly, with one note."""
+    import vqseg.modules.foundation as foundation
+
+    monkeypatch.setattr(foundation, "_NOTED", set())
+    vq = VectorQuantizer(dim=8, codebook_size=32, table_seed=3)
+    old = {"mapping.weight": vq.mapping.weight.detach().clone()}
+    fresh = VectorQuantizer(dim=8, codebook_size=32, table_seed=3)
+    with torch.no_grad():
+        fresh.frozen_codebook.zero_()
+    fresh.load_state_dict(old, strict=True)
+    assert torch.equal(fresh.frozen_codebook, vq.frozen_codebook)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "older checkpoint" in err and "regenerated from seed 3" in err
+    fresh.load_state_dict(old)  # a teacher loaded next to its student: no second note
+    assert capsys.readouterr().err == ""
+    fresh.load_state_dict(vq.state_dict())  # a current checkpoint: no note at all
+    assert capsys.readouterr().err == ""
 
 
 def test_autocast_keeps_float32_distances() -> None:

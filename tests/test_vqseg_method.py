@@ -144,14 +144,16 @@ def test_foundation_features_are_computed_once_and_cached(data, monkeypatch, tmp
 
 
 def test_foundation_cache_defaults_to_vqseg_cache(data, monkeypatch, tmp_path, capsys):
-    """With no method.foundation_cache, PFA features go under $VQSEG_CACHE/foundation, and the folder is said."""
+    """With no method.foundation_cache, PFA features go to the per-slice cache under $VQSEG_CACHE
+    (one file per slice), and the folder is said."""
     import vqseg.modules.foundation as foundation
 
     monkeypatch.setattr(foundation, "build_foundation", lambda *a, **k: FakeFoundation())
-    monkeypatch.setattr(foundation, "_ANNOUNCED", set())
+    monkeypatch.setattr(foundation, "_NOTED", set())
     monkeypatch.setenv("VQSEG_CACHE", str(tmp_path / "cache"))
     build_run_method(vqseg_config(**{"method.foundation_cache": ""}), 1, 4).prepare(data)
-    assert list((tmp_path / "cache" / "foundation").glob("*.pt"))
+    files = list((tmp_path / "cache").glob("pfa-fake-*/*.pt"))
+    assert len(files) == len({bytes(x.numpy()) for x in (*data.labeled.images, *data.unlabeled.images)})
     assert str(tmp_path / "cache") in capsys.readouterr().err
 
 
@@ -387,12 +389,10 @@ def test_recipe_each_loss_gets_its_targets_and_weight(recipe_data, monkeypatch, 
     assert close(out.logs["loss_vq"], 0.5 * (clean.out.vq_loss + perturbed.out.vq_loss))
     assert close(out.logs["loss_rec"], nn.functional.l1_loss(clean.out.recon, clean.x))
 
-    # PFA: the adapter on the clean post-VQ map against the cached features warped like each view;
-    # each cache holds its own slices' features
-    from vqseg.modules.foundation import cached_features
-
+    # PFA: the adapter on the clean post-VQ map against the cached features warped like each view,
+    # sampled only where the warp did not pad; each cache holds its own slices' features
     for which, images in (("labeled", recipe_data.labeled.images), ("unlabeled", recipe_data.unlabeled.images)):
-        assert torch.equal(method._cache[which], cached_features(FakeFoundation(), images, tmp_path, progress=False))
+        assert torch.equal(method._cache[which], FakeFoundation()(images).half())
     (features, target, args, kwargs, loss_align), = rec.align
     torch.testing.assert_close(features, method.adapter(clean.out.post_vq))
     expected_target = torch.cat([
@@ -400,7 +400,8 @@ def test_recipe_each_loss_gets_its_targets_and_weight(recipe_data, monkeypatch, 
         Augmenter.warp(method._cache["unlabeled"][b.unlabeled_index].float(), views.theta),
     ])
     torch.testing.assert_close(target, expected_target)
-    assert list(args) + list(kwargs.values()) == [0.2, 5]
+    inside = Augmenter.warp(torch.ones(len(target), 1, *target.shape[2:]), torch.cat([theta_l, views.theta]))[:, 0]
+    assert list(args) == [0.2, 5] and list(kwargs) == ["valid"] and torch.equal(kwargs["valid"], inside > 0.999)
     assert close(out.logs["loss_align"], loss_align)
 
     ramp = sigmoid_rampup(step / method.cfg.train.iterations, 0.5)

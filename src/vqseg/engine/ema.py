@@ -58,11 +58,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
     """theta_t <- a theta_t + (1 - a) theta_s with a = min(1 - 1/(step+1), decay) (Mean Teacher warm-up).
 
     Tensors are paired by name, so registration order does not matter, and a teacher that does not
-    have the student's parameters and persistent buffers is refused. Floating-point buffers
-    (batch-norm running statistics) are averaged the same way, as BCP does: copying the student's
-    statistics into a teacher with averaged weights pairs statistics with weights they were not
-    measured on, which we found to wreck an eval-mode teacher early in training. Integer buffers
-    (batch counters) are copied. A non-persistent buffer may be a cache that exists in one mode only
+    have the student's parameters and persistent buffers is refused. Parameters the student does
+    not train (``requires_grad`` False: a frozen pretrained backbone, VQ's fixed code table) are
+    left alone: they equal the student's, and averaging them costs time and adds rounding.
+    Floating-point buffers (batch-norm running statistics) are averaged the same way, as BCP does:
+    copying the student's statistics into a teacher with averaged weights pairs statistics with
+    weights they were not measured on, which we found to wreck an eval-mode teacher early in
+    training. Integer buffers (batch counters) are copied. A non-persistent buffer may be a cache that exists in one mode only
     (the teacher predicts in eval mode, the student trains): one that only one side has is skipped,
     and the teacher's are then rebuilt from the new weights.
     """
@@ -72,7 +74,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) 
     t_buffers, s_buffers = dict(teacher.named_buffers()), dict(student.named_buffers())
     buffers = _pair_by_name("buffers", t_buffers, s_buffers, {*t_extra, *s_extra})
     for t, s in params:
-        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+        if s.requires_grad:
+            t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
     for t, s in buffers:
         if t.is_floating_point():
             t.mul_(alpha).add_(s, alpha=1.0 - alpha)

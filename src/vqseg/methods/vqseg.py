@@ -12,11 +12,12 @@
   probabilities to the labelled masks' class frequencies (see `DistributionAlignment`).
 - L_rec: L1 image reconstruction from the post-VQ bottleneck (dual branch), unperturbed passes.
 - L_align: patch InfoNCE between the post-VQ map (PFA: resize + 1x1 conv) and a frozen foundation
-  model's features of the same view. Features are computed once per training slice and warped
-  with the view's affine, since the encoder costs seconds per image on a CPU. On a pretrained
-  backbone (``model.name`` litemedsam or dinov2) PFA aligns to ``method.foundation`` only if that
-  is another model; aligning a backbone to a frozen copy of itself is degenerate, so it is then
-  off (with a note), whatever the preset says.
+  model's features of the same view. Features are computed once per training slice (the per-slice
+  cache of ``foundation.cached_slice_features``) and warped with the view's affine, since the
+  encoder costs seconds per image on a CPU; cells the warp fills with zero padding are not
+  sampled. On a pretrained backbone (``model.name`` litemedsam or dinov2) PFA aligns to
+  ``method.foundation`` only if that is another model; aligning a backbone to a frozen copy of
+  itself is degenerate, so it is then off (with a note), whatever the preset says.
 - L_vq: codebook + beta * commitment of every quantizer.
 
 ``ablation`` presets reproduce the paper's table rows: base (VQ only), qpm, qpm_db, qpm_pfa, all.
@@ -88,7 +89,7 @@ class VQSegConfig(MethodConfig):
     foundation: str = "litemedsam"  # litemedsam | dinov2 | none
     foundation_weights: str = ""  # local file (required for dinov2; litemedsam ships its own)
     foundation_input: int = 0  # 0 = the encoder's native input size
-    foundation_cache: str = ""  # empty: $VQSEG_CACHE/foundation (default ~/.cache/vqseg/foundation)
+    foundation_cache: str = ""  # folder of the per-slice cache; empty: $VQSEG_CACHE (default ~/.cache/vqseg)
     pfa_tau: float = 0.1
     pfa_samples: int = 256
     ema_decay: float = 0.99
@@ -168,7 +169,6 @@ class VQSeg(Method):
         self.perturb = None
         if p.perturbation in ("qpm", "shuffle"):
             self.perturb = QPM(p.eps, p.temperature, mode="jump" if p.perturbation == "qpm" else "shuffle")
-        self.foundation = None
         self.adapter: nn.Module | None = None
         self._cache: dict[str, Tensor] = {}
         # Aligning a pretrained backbone's post-VQ map to a frozen copy of the same network is
@@ -180,23 +180,23 @@ class VQSeg(Method):
                   "model to align to it", file=sys.stderr, flush=True)
 
     def prepare(self, data) -> None:
-        """Load the frozen foundation model and encode every training slice once."""
+        """Load the frozen foundation model and get every training slice's features from the
+        per-slice cache (a slice met before, in any labelled split or seed, is not encoded again)."""
         p = self.params
         if not self.use_pfa:
             return
-        from vqseg.modules.foundation import announce_cache, build_foundation, cache_root, cached_features
+        from vqseg.modules.foundation import build_foundation, cached_slice_features
         from vqseg.modules.pfa import PostVQAdapter
 
         encoder = build_foundation(p.foundation, p.foundation_weights or None, p.foundation_input or None)
-        if p.foundation_cache:
-            cache_dir = resolve_path(p.foundation_cache)
-        else:
-            announce_cache(cache_root())
-            cache_dir = cache_root() / "foundation"
+        root = resolve_path(p.foundation_cache) if p.foundation_cache else None
         device = next(self.student.parameters()).device
         self._cache = {
-            "labeled": cached_features(encoder, data.labeled.images, cache_dir).to(device),
-            "unlabeled": cached_features(encoder, data.unlabeled.images, cache_dir).to(device),
+            which: cached_slice_features(
+                lambda x: [encoder(x)], encoder.cache_key(), f"pfa-{encoder.name}", images,
+                shapes=[(encoder.dim, *encoder.grid)], root=root, progress=True,
+            )[0].to(device)
+            for which, images in (("labeled", data.labeled.images), ("unlabeled", data.unlabeled.images))
         }
         deepest = self.student.base.feature_channels[self.student.levels[-1]]
         self.adapter = PostVQAdapter(deepest, encoder.dim, encoder.grid).to(device)
@@ -204,9 +204,14 @@ class VQSeg(Method):
     def predictor(self) -> nn.Module:
         return self.teacher if self.params.eval_teacher else self.student
 
-    def _aligned_targets(self, which: str, index: Tensor, theta: Tensor) -> Tensor:
+    def _aligned_targets(self, which: str, index: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """The cached features of the rows ``index`` warped with the view's affine, and where they
+        are valid: a ones map warped alongside is ~1 only where every bilinear tap fell inside the
+        slice (the warp pads with zeros, which must not act as InfoNCE positives)."""
         features = self._cache[which][index.to(self._cache[which].device)].float()
-        return Augmenter.warp(features, theta)
+        ones = features.new_ones(features.shape[0], 1, *features.shape[2:])
+        warped = Augmenter.warp(torch.cat([features, ones], dim=1), theta)
+        return warped[:, :-1], warped[:, -1] > 0.999
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         p = self.params
@@ -258,11 +263,12 @@ class VQSeg(Method):
         if self.use_pfa:
             from vqseg.modules.pfa import patch_infonce
 
-            target = torch.cat([
+            (target_l, valid_l), (target_u, valid_u) = (
                 self._aligned_targets("labeled", batch.labeled_index, theta_l),
                 self._aligned_targets("unlabeled", batch.unlabeled_index, views.theta),
-            ])
-            loss_align = patch_infonce(self.adapter(clean.post_vq), target, p.pfa_tau, p.pfa_samples)
+            )
+            loss_align = patch_infonce(self.adapter(clean.post_vq), torch.cat([target_l, target_u]), p.pfa_tau,
+                                       p.pfa_samples, valid=torch.cat([valid_l, valid_u]))
             loss = loss + p.lambda_align * loss_align
             logs["loss_align"] = loss_align.detach()
         if (step + 1) % self.cfg.train.log_every == 0:

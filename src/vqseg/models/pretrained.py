@@ -5,8 +5,12 @@
 never trains and stays in eval mode; its pyramid is computed once per slice and cached on disk
 (``vqseg.modules.foundation.cached_slice_features``). Training views then carry provenance
 channels (``vqseg.data.provenance``) and the encoder looks their features up in a bank of the
-training slices' cached pyramids, so every augmentation a method applies to the image reaches the
-features too. Plain images (validation, test, predict) are encoded through the same cache.
+training slices' cached pyramids, so every spatial augmentation a method applies to the image
+(the geometric warp, CutMix, BCP's copy-paste) moves the features with it; intensity
+augmentation and input noise change the image channels only, so they reach the image stem and
+not the frozen features. Plain images (validation, test, predict) are encoded through the same
+cache and kept in a bounded in-RAM memo; :func:`set_cache_writes` keeps ``predict`` on new images
+from adding them to the cache.
 
 Pyramids (``timm`` ``features_only`` style, shallowest first):
 
@@ -44,6 +48,7 @@ PRETRAINED_MODELS = ("litemedsam", "dinov2")
 ENCODER_MODES = ("finetune", "frozen")
 DINOV2_BLOCKS = (2, 5, 8, 11)  # UniMatch V2's intermediate_layer_idx for ViT-S
 BACKBONE_IDENTITY = "backbone_identity"  # a frozen backbone's checkpoint entry (see _drop_frozen_backbone)
+LEGACY_PYRAMID = "pyramid-v1"  # identities written before content hashing: weights file name and size only
 
 
 def default_encoder_input(name: str, image_size: int) -> int:
@@ -65,27 +70,53 @@ def is_frozen(cfg: ModelConfig) -> bool:
 
 
 class PyramidBackbone(nn.Module):
-    """Images (B x 1|3 x H x W, any size) -> four maps on the encoder's grid, shallowest first."""
+    """Images (B x 1|3 x H x W, any size) -> maps on the encoder's grid, shallowest first.
+
+    ``sides``: each map's side; ``recipe``: how the maps are taken from the network (stages or
+    blocks, normalisation, pooling), part of the identity with everything else they depend on.
+    """
 
     name = "pyramid"
 
-    def __init__(self, input_size: int, out_channels: list[int], weights: Path | None) -> None:
+    def __init__(self, input_size: int, out_channels: list[int], sides: list[int], weights: Path | None,
+                 recipe: str) -> None:
         super().__init__()
         self.input_size = input_size
         self.out_channels = out_channels
+        self.sides = sides
         self.weights = weights
+        self.recipe = recipe
 
     def identity(self) -> str:
-        """What the features depend on (cache key): model, input size, weights file, pyramid version."""
+        """What the features depend on (cache key and checkpoint guard): model, recipe, input
+        size, widths, precision and the weights file's content."""
+        return (f"{self.name}|{self.recipe}|input={self.input_size}|channels={self.out_channels}|"
+                f"{foundation.PRECISION}|{foundation.weights_fingerprint(self.weights)}")
+
+    def legacy_identity(self) -> str:
+        """The identity checkpoints recorded before content hashing: the weights file's name and size."""
         source = "random-tiny" if self.weights is None else f"{self.weights.name}|{self.weights.stat().st_size}"
-        return f"{self.name}|pyramid-v1|{self.input_size}|{self.out_channels}|{source}"
+        return f"{self.name}|{LEGACY_PYRAMID}|{self.input_size}|{self.out_channels}|{source}"
+
+    def level_shapes(self) -> list[tuple[int, int, int]]:
+        return [(c, side, side) for c, side in zip(self.out_channels, self.sides)]
+
+    def cached(self, images: Tensor, memo: foundation.FeatureMemo | None = None, write: bool = True,
+               progress: bool = False) -> list[Tensor]:
+        """The pyramid of plain images through the on-disk cache (float16, CPU); see
+        ``foundation.cached_slice_features`` for ``memo`` and ``write``."""
+        return foundation.cached_slice_features(self, self.identity(), self.name, images, shapes=self.level_shapes(),
+                                                memo=memo, write=write, progress=progress)
 
 
 class TinyViTPyramid(PyramidBackbone):
     name = "litemedsam"
 
     def __init__(self, input_size: int, weights: Path | None) -> None:
-        super().__init__(input_size, [16, 32, 40, 256] if weights is None else [64, 128, 160, 256], weights)
+        side = input_size // 4
+        sides = [side, max(side // 2, 1), max(side // 4, 1), max(side // 4, 1)]
+        super().__init__(input_size, [16, 32, 40, 256] if weights is None else [64, 128, 160, 256], sides, weights,
+                         recipe=f"stages=1,2,3,neck|minmax|avgpool={sides}")
         self.net = foundation.build_tinyvit(input_size, tiny=weights is None)
         if weights is not None:
             foundation.load_litemedsam(self.net, weights)
@@ -93,9 +124,7 @@ class TinyViTPyramid(PyramidBackbone):
     def forward(self, images: Tensor) -> list[Tensor]:
         x = foundation.minmax_normalise(foundation.encoder_input(images, self.input_size))
         first, second, third, _, neck = foundation.tinyvit_stages(self.net, x)
-        side = self.input_size // 4
-        sizes = [side, max(side // 2, 1), max(side // 4, 1), max(side // 4, 1)]
-        return [F.adaptive_avg_pool2d(m, size) for m, size in zip((first, second, third, neck), sizes)]
+        return [F.adaptive_avg_pool2d(m, side) for m, side in zip((first, second, third, neck), self.sides)]
 
 
 class DINOv2Pyramid(PyramidBackbone):
@@ -105,7 +134,8 @@ class DINOv2Pyramid(PyramidBackbone):
         tiny = {"embed_dim": 32, "depth": 4, "num_heads": 2} if weights is None else {}
         self.blocks = [0, 1, 2, 3] if weights is None else list(DINOV2_BLOCKS)
         width = tiny.get("embed_dim", 384)
-        super().__init__(input_size, [width] * 4, weights)
+        super().__init__(input_size, [width] * 4, [input_size // foundation.DINOv2Encoder.patch_size] * 4, weights,
+                         recipe=f"blocks={self.blocks}|final-norm|imagenet-mean-std")
         self.net = foundation.load_dinov2(weights, **tiny)
         self.register_buffer("mean", torch.tensor(foundation._IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(foundation._IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -116,7 +146,9 @@ class DINOv2Pyramid(PyramidBackbone):
 
 
 class FrozenFeatures:
-    """What frozen encoders share: the training slices' feature bank and a memo of cache hits.
+    """What frozen encoders share: the training slices' feature bank, an in-RAM memo of plain
+    images' features (least recently used dropped beyond ``foundation.DEFAULT_MEMO_BYTES``, 2 GiB;
+    set ``memo.max_bytes`` to change it) and whether those are added to the on-disk cache.
 
     Not copied by ``deepcopy``, so an EMA teacher (``make_teacher``) looks up the same bank; not
     part of any state dict (it is rebuilt from the cache on start and on resume).
@@ -124,7 +156,8 @@ class FrozenFeatures:
 
     def __init__(self) -> None:
         self.bank: list[Tensor] | None = None  # per level: N x h x w x C float16
-        self.memo: dict[str, list[Tensor]] = {}
+        self.memo = foundation.FeatureMemo()
+        self.write_cache = True  # False: read the cache, add nothing (see set_cache_writes)
 
     def __deepcopy__(self, memo: dict) -> FrozenFeatures:
         return self
@@ -158,10 +191,8 @@ class PretrainedEncoder(nn.Module):
         return self
 
     def cached(self, images: Tensor, progress: bool = False) -> list[Tensor]:
-        """The frozen backbone's pyramid of plain images, through the on-disk cache (float16, CPU)."""
-        return foundation.cached_slice_features(
-            self.backbone, self.backbone.identity(), self.backbone.name, images, memo=self.store.memo, progress=progress
-        )
+        """The frozen backbone's pyramid of plain images, through the memo and the on-disk cache (float16, CPU)."""
+        return self.backbone.cached(images, memo=self.store.memo, write=self.store.write_cache, progress=progress)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         image, provenance = split_channels(x, self.image_channels)
@@ -196,12 +227,31 @@ def _drop_frozen_backbone(module: PretrainedEncoder, state: dict, prefix: str, m
 
 
 def _restore_frozen_backbone(module: PretrainedEncoder, state: dict, prefix: str, *_: object) -> None:
-    stored, current = state.pop(prefix + BACKBONE_IDENTITY, None), module.backbone.identity()
-    if stored is not None and stored != current:
-        raise ConfigError(f"these weights were trained on the frozen encoder {stored!r}; "
-                          f"model.encoder_weights now gives {current!r}")
+    stored = state.pop(prefix + BACKBONE_IDENTITY, None)
+    if stored is not None:
+        check_backbone_identity(module.backbone, stored)
     for key, value in module.backbone.state_dict(prefix=prefix + "backbone.").items():
         state.setdefault(key, value)
+
+
+def check_backbone_identity(backbone: PyramidBackbone, stored: str) -> None:
+    """Refuse a checkpoint trained on another frozen encoder than ``backbone`` (ConfigError).
+
+    An identity recorded before content hashing (``pyramid-v1``: model, input size, widths,
+    weights file name and size) is accepted when those match, with a note that the weights'
+    content could not be verified.
+    """
+    legacy = stored.split("|")[1:2] == [LEGACY_PYRAMID]
+    current = backbone.legacy_identity() if legacy else backbone.identity()
+    if stored != current:
+        raise ConfigError(f"these weights were trained on the frozen encoder {stored!r}; "
+                          f"model.encoder_weights now gives {current!r}")
+    if legacy and backbone.weights is not None:
+        foundation.note_once(
+            f"vqseg: this older checkpoint names its frozen encoder's weights by file name and size only "
+            f"({backbone.weights.name}, {backbone.weights.stat().st_size} bytes, as {backbone.weights}): "
+            "their content could not be verified"
+        )
 
 
 def _build(name: str, cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
@@ -256,6 +306,14 @@ def frozen_encoders(module: nn.Module) -> list[PretrainedEncoder]:
     return [m for m in module.modules() if isinstance(m, PretrainedEncoder) and m.frozen]
 
 
+def set_cache_writes(module: nn.Module, enabled: bool) -> None:
+    """Whether the frozen encoders in ``module`` add the plain images they encode to the on-disk
+    cache (they always read it). On for training, validation and evaluation on the dataset's own
+    slices, which later runs meet again; ``predict`` on new images turns it off."""
+    for encoder in frozen_encoders(module):
+        encoder.store.write_cache = enabled
+
+
 def install_bank(module: nn.Module, levels: list[Tensor], device: torch.device) -> None:
     """Give every frozen encoder in ``module`` one shared bank: per level, the N x C x h x w
     pyramids of the rows that provenance index 0..N-1 refers to."""
@@ -281,8 +339,7 @@ def prepare_frozen_encoders(
     if len(identities) > 1:
         raise RuntimeError(f"frozen encoders in one method differ: {sorted(identities)}")
     sets = [data.labeled.images, *([data.unlabeled.images] if uses_unlabeled else [])]
-    per_set = [foundation.cached_slice_features(first.backbone, first.backbone.identity(), first.backbone.name,
-                                                images, progress=True) for images in sets]
+    per_set = [first.backbone.cached(images, progress=True) for images in sets]
     install_bank(module, [torch.cat([levels[i] for levels in per_set]) for i in range(len(per_set[0]))], device)
     val = [x for volume in data.val for x in model_inputs(volume.image, image_size, eval_batch, device)]
     if val:

