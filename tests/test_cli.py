@@ -197,7 +197,9 @@ def test_real_acdc_two_iterations(acdc_root: Path, tmp_path, capsys):
 def test_repo_configs_load():
     from vqseg.config import load_config
 
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert REPO / "configs" / "cpu" / "own.yaml" in paths
+    for path in paths:
         load_config(path)
 
 

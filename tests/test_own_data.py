@@ -96,13 +96,16 @@ def test_nnunet_acdc_end_to_end(acdc_nnunet, tmp_path, capsys):
     root = acdc_nnunet
     assert main(["prepare", str(root), "--labeled", "2", "--val", "2", "--test", "2", "--group", r"patient(\d+)"]) == 0
     out = capsys.readouterr().out
-    assert "nnU-Net v2 raw" in out and "RV" in out and "10 x 1.56 x 1.56 mm" in out
+    assert "nnU-Net v2 raw" in out and "RV" in out and "1.56 x 1.56 x 10 mm (file axis order)" in out
+    assert "sliced along array axis 2" in out
     split = json.loads((root / SPLIT_FILE).read_text())
     where = {name: k for k in ("labeled", "unlabeled", "val", "test") for name in split[k]}
     labelled = [p.name[: -len(".nii.gz")] for p in (root / "labelsTr").iterdir()]
     for patient in ACDC_PATIENTS:  # both phases of a patient stay together
         assert len({where[n] for n in labelled if n.startswith(f"patient{patient:03d}")}) == 1
-    assert where["patient005_13"] == "unlabeled"  # the image without a label
+    # the image without a label trains unlabelled with its patient, or is left out with it
+    assert where.get("patient005_13", "left out") == ("unlabeled" if where["patient005_01"] in ("labeled", "unlabeled")
+                                                       else "left out")
     assert split["val"] and split["test"] and len(split["labeled"]) >= 2
 
     with _Threads():
@@ -203,3 +206,17 @@ def test_unprepared_folder_and_contradicting_settings(tiny_prepared, tmp_path, c
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and "data.num_classes=3" in line and "has 2" in line
     assert not (tmp_path / "r").exists()
+
+
+def test_the_cpu_preset_for_own_data_trains_on_a_prepared_folder(tiny_prepared, tmp_path):
+    """configs/cpu/own.yaml: frozen LiteMedSAM (a tiny random stand-in here) on any prepared folder."""
+    from vqseg.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "cpu" / "own.yaml"
+    cfg = load_config(path)
+    assert (cfg.model.name, cfg.model.encoder_mode, cfg.train.device) == ("litemedsam", "frozen", "cpu")
+    assert cfg.train.iterations <= 1500  # a schedule that fits two cores (README: its cost)
+    small = {"data.root": str(tiny_prepared), "output_dir": str(tmp_path / "run"), "model.tiny": True,
+             "train.iterations": 2, "train.val_every": 2, "train.image_size": 32, "train.batch_size": 2}
+    run = train(load_config(path, [f"{k}={json.dumps(v)}" for k, v in small.items()]))
+    assert (run / "best.pt").is_file()

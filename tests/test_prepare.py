@@ -114,15 +114,19 @@ def test_summary_of_an_nnunet_dataset(tmp_path, capsys):
         "channels: 2",
         "outer",
         "inner",
-        "6 x 1.4 x 1.5 mm",
+        "1.4 x 1.5 x 6 mm (file axis order)",
+        "sliced along array axis 2",
+        "channels: 2 (MR0, MR1)",
         "label maps declared in dataset.json",
         "percentiles",
     ):
         assert fragment in out, fragment
     info = split_of(root)
     assert info["format"] == "nnunet" and info["in_channels"] == 2 and info["class_names"] == ["outer", "inner"]
-    assert info["intensity"] == "percentile"
-    assert "pat006" in info["unlabeled"]  # an image without a label is always unlabelled data
+    assert info["intensity"] == "percentile" and info["plan"] == {"slice_axis": 2, "intensity": "percentile"}
+    assert info["fingerprint"]["median_spacing"] == pytest.approx([1.4, 1.5, 6.0])
+    assert info["fingerprint"]["shapes"]["pat000"] == [14, 12, 4]
+    assert "pat006" in info["unlabeled"]  # an image without a label, its own group: unlabelled training data
     volume = open_prepared(root).volumes("val")[0]
     assert volume.image.shape == (4, 2, 14, 12)  # slices along the largest spacing (the last axis)
     assert volume.spacing == pytest.approx((6.0, 1.4, 1.5))
@@ -193,6 +197,44 @@ def test_group_keeps_related_cases_together(tmp_path):
             assert where[name] == where[[m for m in cases if key[m] == key[name]][-1]], name
         splits.append(split)
     assert any(s != splits[0] for s in splits[1:])  # the seed matters; the groups hold for every seed
+
+
+def _two_phase_patients(root: Path, patients: int = 10) -> Path:
+    """Image folder of patients with a labelled end-diastole frame and an unlabelled end-systole one."""
+    write_image_folder(root / "src", count=patients, unlabeled=patients)
+    (root / "d" / "images").mkdir(parents=True)
+    (root / "d" / "masks").mkdir()
+    (root / "d" / "unlabeled").mkdir()
+    images = sorted((root / "src" / "images").iterdir())
+    extra = sorted((root / "src" / "unlabeled").iterdir())
+    for i, (image, other) in enumerate(zip(images, extra)):
+        (root / "d" / "images" / f"patient{i:02d}_ED.png").write_bytes(image.read_bytes())
+        (root / "d" / "masks" / f"patient{i:02d}_ED.png").write_bytes((root / "src" / "masks" / image.name).read_bytes())
+        (root / "d" / "unlabeled" / f"patient{i:02d}_ES.png").write_bytes(other.read_bytes())
+    return root / "d"
+
+
+def test_unlabelled_frames_of_validation_and_test_patients_never_train(tmp_path, capsys):
+    root = _two_phase_patients(tmp_path)
+    assert main(["prepare", str(root), "--labeled", "2", "--val", "2", "--test", "2", "--group", r"patient(\d+)_"]) == 0
+    out = capsys.readouterr().out
+    split = split_of(root)
+    held_out = {n.split("_")[0] for k in ("val", "test") for n in split[k]}
+    assert len(held_out) == 4
+    for name in split["unlabeled"] + split["labeled"]:
+        assert name.split("_")[0] not in held_out, name  # no frame of a val/test patient trains
+    assert sorted(split["left_out"]) == sorted(f"{p}_ES" for p in held_out)
+    assert len(split["unlabeled"]) == 6 + 4  # ES of the 6 training patients + ED of the 4 unlabelled ones
+    assert "4 case(s) without a label left out" in out
+    prepared = open_prepared(root)  # a consistent file: left-out cases are in no split
+    assert not set(split["left_out"]) & {n for names in prepared.splits.values() for n in names}
+
+
+def test_without_group_label_less_cases_are_unlabelled_training_data(tmp_path):
+    root = _two_phase_patients(tmp_path, patients=6)
+    prepare(root, labeled="2", val="1", test="1")
+    split = split_of(root)
+    assert {f"patient{i:02d}_ES" for i in range(6)} <= set(split["unlabeled"]) and split["left_out"] == []
 
 
 def test_group_regex_that_misses_a_case_is_an_error(tmp_path, capsys):
@@ -334,3 +376,104 @@ def test_split_file_is_checked_when_training(tmp_path, capsys, damage):
     assert main(args) == 2
     one_error_line(capsys, "vqseg train: error:", expected)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: one slicing axis for every file of a dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _volume_dataset(root: Path, zooms_per_case: list[tuple[float, ...]], shape=(8, 8, 8)) -> Path:
+    """nnU-Net cases whose label marks one voxel column per axis, so a transposed read shows."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i, zooms in enumerate(zooms_per_case):
+        label = np.zeros(shape, np.uint8)
+        label[1:4, 2, 5] = 1  # along axis 0 only
+        label[6, 0:6, 1] = 1  # along axis 1 only
+        image = (rng.normal(100, 5, shape) + 200 * label).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.diag([*zooms, 1.0])), root / "imagesTr" / f"c{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.diag([*zooms, 1.0])), root / "labelsTr" / f"c{i}.nii.gz")
+    spec = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1}, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_every_volume_of_a_dataset_is_sliced_along_the_plans_axis(tmp_path, capsys):
+    zooms = [(0.9, 0.9, 0.8), (0.7, 0.7, 1.0), (0.7, 0.7, 1.0), (0.72, 0.7, 1.0), (0.7, 0.7, 1.0), (0.7, 0.7, 1.02)]
+    root = _volume_dataset(tmp_path / "mixed", zooms)
+    assert main(["prepare", str(root), "--val", "1", "--test", "1"]) == 0
+    out = capsys.readouterr().out
+    assert split_of(root)["plan"]["slice_axis"] == 2
+    assert "note: 1 case(s) have their largest spacing on another axis: c0 (0.9 x 0.9 x 0.8)" in out
+    prepared = open_prepared(root)
+    for split in ("labeled", "val", "test"):
+        for volume in prepared.volumes(split):
+            stored = np.asarray(nib.load(prepared.cases[volume.name].label).dataobj)
+            assert volume.geometry.slice_axis == 2, volume.name  # c0 too: per file it would be axis 1
+            np.testing.assert_array_equal(volume.label, np.moveaxis(stored, 2, 0))
+
+
+def test_a_label_is_read_along_its_images_axis_whatever_its_own_header(tmp_path):
+    root = _volume_dataset(tmp_path / "cube", [(1.0, 1.0, 1.0)] * 4)
+    label = root / "labelsTr" / "c0.nii.gz"
+    stored = np.asarray(nib.load(label).dataobj)
+    nib.save(nib.Nifti1Image(stored, np.diag([1.0, 1.0004, 1.0, 1.0])), label)  # 4th-decimal header noise
+    prepare(root, labeled="100%", val="1", test="1")
+    prepared = open_prepared(root)
+    volume = next(v for s in ("labeled", "val", "test") for v in prepared.volumes(s) if v.name == "c0")
+    np.testing.assert_array_equal(volume.label, np.moveaxis(stored, 2, 0))  # not transposed against the image
+
+
+def test_slice_axis_ignores_header_float_noise():
+    from vqseg.data.casefiles import slice_axis
+
+    assert slice_axis((1.0, 1.0, 1.0)) == 2
+    assert slice_axis((1.0, 1.00001, 1.0)) == 2  # equal within the tolerance: the last axis
+    assert slice_axis((5.0, 1.0, 1.0)) == 0 and slice_axis((1.0, 5.0, 1.0)) == 1
+    assert slice_axis((0.9, 0.9, 0.8)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Grey-level label maps (0/128/255) are not binary masks
+# ---------------------------------------------------------------------------------------------
+
+
+def _grey_level_masks(root: Path, ext: str = "png") -> Path:
+    """Three classes stored as 0/128/255, the middle class small (as optic cup in disc)."""
+    write_image_folder(root, count=8, shape=(40, 36))
+    for mask in sorted((root / "masks").iterdir()):
+        values = np.asarray(Image.open(mask))
+        grey = np.where(values > 0, 255, 0).astype(np.uint8)
+        grey[18:21, 16:19] = 128
+        mask.unlink()
+        Image.fromarray(grey).save(mask.with_suffix(f".{ext}"))
+    return root
+
+
+def test_a_three_level_png_label_map_is_refused_naming_its_values(tmp_path, capsys):
+    root = _grey_level_masks(tmp_path / "d")
+    assert main(["prepare", str(root)]) == 2
+    one_error_line(capsys, "grey levels [0, 128, 255]", "--mask-values 0,128,255")
+    assert not (root / SPLIT_FILE).exists()
+
+
+def test_mask_values_read_grey_levels_as_classes_and_predictions_keep_them(tmp_path):
+    from vqseg.data.casefiles import stored_values
+
+    root = _grey_level_masks(tmp_path / "d")
+    prepare(root, val="2", test="2", mask_values=[0, 255, 128])
+    info = split_of(root)
+    assert info["label_encoding"] == "values" and info["num_classes"] == 3 and info["mask_values"] == [0, 255, 128]
+    prepared = open_prepared(root)
+    volume = prepared.volumes("val")[0]
+    stored = np.asarray(Image.open(prepared.cases[volume.name].label))
+    np.testing.assert_array_equal(volume.label[0], np.select([stored == 255, stored == 128], [1, 2], 0))
+    np.testing.assert_array_equal(stored_values("values", 3, [0, 255, 128])[volume.label[0]], stored)
+
+
+def test_jpeg_masks_with_compression_noise_are_still_thresholded(tmp_path):
+    root = write_image_folder(tmp_path / "d", foreground=255, mask_ext="jpg", shape=(40, 36))
+    prepare(root, val="2", test="2")
+    assert split_of(root)["label_encoding"] == "threshold"

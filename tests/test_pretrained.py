@@ -11,16 +11,18 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 from torch import Tensor
 from torch.nn import functional as F
 
-from vqseg.config import AugConfig, ConfigError
+from vqseg.config import AugConfig, ConfigError, load_config
 from vqseg.data import load_split, load_training_data
 from vqseg.data.augment import Augmenter, mix
 from vqseg.data.provenance import PROVENANCE_CHANNELS, add_provenance, provenance_at, sample_bank
+from vqseg.engine.checkpoint import load_checkpoint, load_weights
 from vqseg.engine.distributed import DistInfo
 from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.engine.trainer import Streams, build_run_method, make_optimizer, optimization_step, train
@@ -28,6 +30,7 @@ from vqseg.evaluation.evaluate import evaluate_run
 from vqseg.evaluation.inference import predict_volumes
 from vqseg.models import build_model
 from vqseg.models.pretrained import PretrainedEncoder, is_frozen, prepare_frozen_encoders
+from vqseg.modules import foundation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,6 +153,26 @@ def test_checkpoints_leave_out_a_frozen_backbone(mode: str) -> None:
         state[identities[0]] = "litemedsam|pyramid-v1|32|other.pth"
         with pytest.raises(ConfigError, match="other.pth"):
             fresh.load_state_dict(state)
+
+
+COMMITTED_RUN = Path(__file__).resolve().parents[1] / "results/pretrained_acdc_cpu_1200/vqseg/3cases_seed0"
+
+
+@needs_medsam
+@pytest.mark.skipif(not (COMMITTED_RUN / "best.pt").is_file(), reason="the committed results/ run is absent")
+def test_a_committed_checkpoint_from_before_issue_23_loads(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The best.pt files under results/ name the frozen encoder's weights by file name and size
+    and lack the VQ code table: they load strictly, with one note for each."""
+    monkeypatch.setattr(foundation, "_NOTED", set())
+    state = load_checkpoint(COMMITTED_RUN / "best.pt")["predictor"]
+    assert "quantizers.4.vq.frozen_codebook" not in state
+    assert state["base.encoder.backbone_identity"].startswith("litemedsam|pyramid-v1|256|")
+    predictor = build_run_method(load_config(COMMITTED_RUN / "config.yaml"), 1, 4).predictor()
+    capsys.readouterr()
+    load_weights(predictor, state, COMMITTED_RUN / "best.pt")
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 2
+    assert "content could not be verified" in notes[0] and "regenerated from seed 0" in notes[1]
 
 
 def test_finetuned_encoder_trains() -> None:
@@ -433,6 +456,24 @@ def test_frozen_training_run_end_to_end(tmp_path: Path) -> None:
     assert 0 <= summary["best_val_dice"] <= 1
     result = evaluate_run(run, "test", device="cpu")
     assert result["num_volumes"] == len(load_split(cfg, "test"))
+
+
+def test_predict_reads_the_feature_cache_but_does_not_fill_it(tmp_path: Path, cache_dir: Path) -> None:
+    """New images are read once: predict must not grow $VQSEG_CACHE (evaluate on the data does)."""
+    from PIL import Image
+
+    from vqseg.evaluation.predict import predict_paths
+
+    cfg = pretrained_config("litemedsam", **{"output_dir": str(tmp_path / "run"), "train.iterations": 1,
+                                             "train.val_every": 1})
+    run = train(cfg)
+    before = sorted(p.relative_to(cache_dir) for p in cache_dir.rglob("*.pt"))
+    pixels = (np.random.default_rng(0).random((20, 24)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "new.png")
+    assert predict_paths(run, [tmp_path / "new.png"], tmp_path / "out", device="cpu") == (1, 0)
+    assert sorted(p.relative_to(cache_dir) for p in cache_dir.rglob("*.pt")) == before
+    evaluate_run(run, "test", device="cpu")
+    assert len(list(cache_dir.rglob("*.pt"))) > len(before)
 
 
 @pytest.mark.parametrize("center", [False, True])

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import replace
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

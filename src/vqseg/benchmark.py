@@ -25,7 +25,8 @@ Each run (``<row>/<cases>cases_seed<seed>``) is ``vqseg train`` then ``vqseg eva
 each in its own subprocess so that a crash or an out-of-memory kill costs one run, not the suite, and
 so that ``concurrent`` runs can share one GPU. The suite is resumable: a run with ``eval_test.json`` is
 done, a finished training (``summary.json``) is only evaluated, and one with ``last.pt`` continues with
-``--resume``. Resuming a run folder begun with another config than the suite now asks for is an
+``--resume``. A run folder whose pinned split (``split.json``) differs from the data's split now is
+refused before anything runs. Resuming a run folder begun with another config than the suite now asks for is an
 error; a finished one is kept with a note. After the runs, ``results.csv``, ``results.md``,
 ``paired_tests.csv``, ``dice_vs_labeled.png`` and ``val_curves.png`` are written from whatever runs
 are done.
@@ -57,8 +58,10 @@ import yaml
 from scipy import stats
 
 from vqseg.config import ConfigError, load_config, to_dict
+from vqseg.data import resolve_data_config, split_lists
 from vqseg.data.volumes import DataError
 from vqseg.engine.checkpoint import replace_atomically
+from vqseg.engine.run_dir import SPLIT_NAME, check_pinned_split
 
 SUITE_KEYS = {
     "name", "config", "output_dir", "set", "labeled_cases", "cases_key", "seeds", "concurrent", "device", "runs",
@@ -245,11 +248,15 @@ def _check_configs(suite: Suite, runs: list[RunSpec]) -> None:
     Keys only one side has are ignored, so that a field added to the code does not orphan old runs.
     """
     for run in runs:
-        planned = to_dict(load_config(suite.config, run.overrides))
+        cfg = load_config(suite.config, run.overrides)
+        planned = to_dict(cfg)
         saved_path = run.run_dir / "config.yaml"
         status = run_status(run.run_dir)
         if status == "todo" or not saved_path.is_file():
             continue
+        if (run.run_dir / SPLIT_NAME).is_file():  # runs from before splits were pinned have nothing to check
+            resolve_data_config(cfg)
+            check_pinned_split(run.run_dir, split_lists(cfg), "benchmark")
         saved = yaml.safe_load(saved_path.read_text()) or {}
         changed = sorted(_diff(planned, saved) - {"output_dir"})
         if not changed:

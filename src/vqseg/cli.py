@@ -22,12 +22,13 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from vqseg.engine.trainer import select_device
-    from vqseg.evaluation.evaluate import eval_stem, evaluate_run
+    from vqseg.evaluation.evaluate import eval_stem, evaluate_run, parse_class_map
     from vqseg.evaluation.metrics import format_markdown
 
     select_device(args.device, "--device")  # refused here, with the option named, before any loading
     summary = evaluate_run(
-        Path(args.run_dir), args.split, args.checkpoint, args.device, args.spacing, args.data, args.save_predictions
+        Path(args.run_dir), args.split, args.checkpoint, args.device, args.spacing, args.data, args.save_predictions,
+        parse_class_map(args.class_map),
     )
     print(format_markdown(summary))
     print(f"distances in {summary['units']}")
@@ -38,7 +39,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     from vqseg.data.prepare import prepare
 
-    lines = prepare(Path(args.data_dir), args.labeled, args.val, args.test, args.seed, args.group, args.force)
+    lines = prepare(
+        Path(args.data_dir), args.labeled, args.val, args.test, args.seed, args.group, args.force, args.mask_values
+    )
     print("\n".join(lines))
 
 
@@ -76,6 +79,13 @@ def _benchmark(args: argparse.Namespace) -> None:
     run_suite(Path(args.suite), args.output, dry_run=args.dry_run, report_only=args.report)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes end like every other user error: one line naming the option, exit status 2."""
 
@@ -99,8 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--checkpoint", default="best", help="best (chosen on validation) or last")
     p.add_argument("--device", default="auto")
-    p.add_argument("--spacing", type=float, nargs="+", default=None, help="voxel spacing (z y x) for mm distances")
+    p.add_argument(
+        "--spacing", type=float, nargs="+", default=None,
+        help="mm per axis of the stored files, in their order (NIfTI i j k, h5 D H W, image rows cols)",
+    )
     p.add_argument("--data", default=None, help="score a split of this prepared dataset instead of the run's own data")
+    p.add_argument(
+        "--class-map", default=None, metavar="OTHER=RUN,...",
+        help="with --data: pair the other dataset's classes with the run's by name (default: same names)",
+    )
     p.add_argument("--save-predictions", action="store_true", help="also write the predicted masks")
     p.set_defaults(func=_evaluate)
 
@@ -112,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group", default=None, metavar="REGEX", help="cases whose names give the same key stay together")
     p.add_argument("--force", action="store_true", help="overwrite an existing split file")
+    p.add_argument(
+        "--mask-values", type=_int_list, default=None, metavar="V0,V1,...",
+        help="image folders whose masks store grey levels (e.g. 0,128,255): each class's value, background first",
+    )
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("predict", help="label new images or NIfTI volumes with a trained run")

@@ -63,7 +63,9 @@ class DataConfig:
     phantom_test: int = 24
     # How images and masks are read (data/casefiles.py); `prepared` data fills both in, auto = the bundled rule
     intensity: str = "auto"  # auto | divide255 | percentile | minmax
-    label_encoding: str = "auto"  # auto | labels | binary01 | binary255 | threshold
+    label_encoding: str = "auto"  # auto | labels | binary01 | binary255 | threshold | values
+    mask_values: list[int] | None = None  # `values` encoding: each class's stored grey level, background first
+    slice_axis: int | None = None  # the plan's slicing axis of 3D files; None: each file's largest spacing
 
     def __post_init__(self) -> None:
         check_range("data.num_classes", self.num_classes, 2)
@@ -72,7 +74,11 @@ class DataConfig:
             check_range(f"data.{key}", getattr(self, key), 1)
         check_range("data.phantom_unlabeled", self.phantom_unlabeled, 0)
         _check_choice("data.intensity", self.intensity, ("auto", "divide255", "percentile", "minmax"))
-        _check_choice("data.label_encoding", self.label_encoding, ("auto", "labels", "binary01", "binary255", "threshold"))
+        _check_choice(
+            "data.label_encoding", self.label_encoding, ("auto", "labels", "binary01", "binary255", "threshold", "values")
+        )
+        if self.slice_axis is not None:
+            check_range("data.slice_axis", self.slice_axis, 0, 2)
 
 
 @dataclass

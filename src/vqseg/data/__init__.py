@@ -8,12 +8,14 @@ from typing import Callable
 from vqseg.config import Config
 from vqseg.data.volumes import DataError, SegmentationData, SliceSet, Volume
 
-# dataset name -> (module, training-data reader, split reader)
+# dataset name -> (module, training-data reader, split reader, split lists: the case names of every
+# split, without reading images)
 _READERS = {
-    "acdc": ("vqseg.data.acdc", "load_acdc", "load_acdc_split"),
-    "phantom": ("vqseg.data.phantom", "load_phantom", "load_phantom_split"),
-    "cvc": ("vqseg.data.cvc", "load_cvc", "load_cvc_split"),
-    "prepared": ("vqseg.data.prepare", "load_prepared", "load_prepared_split"),  # any `vqseg prepare`d folder
+    "acdc": ("vqseg.data.acdc", "load_acdc", "load_acdc_split", "acdc_split_lists"),
+    "phantom": ("vqseg.data.phantom", "load_phantom", "load_phantom_split", "phantom_split_lists"),
+    "cvc": ("vqseg.data.cvc", "load_cvc", "load_cvc_split", "cvc_split_lists"),
+    # any `vqseg prepare`d folder
+    "prepared": ("vqseg.data.prepare", "load_prepared", "load_prepared_split", "prepared_split_lists"),
 }
 
 
@@ -50,6 +52,13 @@ def load_split(cfg: Config, split: str) -> list[Volume]:
     return volumes
 
 
+def split_lists(cfg: Config) -> dict[str, list[str]]:
+    """The case names of the labelled, unlabelled, validation and test splits this config trains and
+    scores on (a run pins them, so a split that changes later is noticed)."""
+    return _reader(cfg, 3)(cfg)
+
+
 __all__ = [
-    "DataError", "SegmentationData", "SliceSet", "Volume", "load_split", "load_training_data", "resolve_data_config"
+    "DataError", "SegmentationData", "SliceSet", "Volume", "load_split", "load_training_data", "resolve_data_config",
+    "split_lists",
 ]

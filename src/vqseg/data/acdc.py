@@ -111,16 +111,26 @@ def load_acdc_split(cfg: Config, split: str) -> list[Volume]:
     return load_volumes(root, load_splits(root)[split])
 
 
-def load_acdc(cfg: Config) -> SegmentationData:
+def _patients(cfg: Config) -> tuple[Path, dict[str, list[int]]]:
+    """The patients of each split: labelled (``data.labeled_cases``), unlabelled, val, test."""
     root = _root(cfg)
     splits = load_splits(root)
     labeled = labeled_patients(splits, cfg.data.labeled_cases)
     unlabeled = [p for p in splits["train"] if p not in labeled]
+    return root, {"labeled": labeled, "unlabeled": unlabeled, "val": splits["val"], "test": splits["test"]}
+
+
+def acdc_split_lists(cfg: Config) -> dict[str, list[str]]:
+    return {split: [f"patient{p:03d}" for p in patients] for split, patients in _patients(cfg)[1].items()}
+
+
+def load_acdc(cfg: Config) -> SegmentationData:
+    root, patients = _patients(cfg)
     size = cfg.train.image_size
     return SegmentationData(
-        labeled=stack_slices(load_volumes(root, labeled), size, keep_labels=True),
-        unlabeled=stack_slices(load_volumes(root, unlabeled), size, keep_labels=False),
-        val=load_volumes(root, splits["val"]),
+        labeled=stack_slices(load_volumes(root, patients["labeled"]), size, keep_labels=True),
+        unlabeled=stack_slices(load_volumes(root, patients["unlabeled"]), size, keep_labels=False),
+        val=load_volumes(root, patients["val"]),
         num_classes=NUM_CLASSES,
         class_names=CLASS_NAMES,
         in_channels=1,

@@ -3,10 +3,12 @@
 Shared by both dataset formats (image folder, nnU-Net v2 raw), by ``vqseg prepare``, training,
 ``evaluate`` and ``predict``, so a case is read the same way everywhere.
 
-Geometry: a NIfTI volume is never reoriented. Slices are taken along its out-of-plane axis, the
-array axis with the largest voxel spacing (ties: the last of them, NIfTI's usual slice axis), and
-a prediction is moved back to the input's axis order and written with the input's own affine and
-header, so it overlays the input exactly in any viewer.
+Geometry: a NIfTI volume is never reoriented. Slices are taken along one array axis for every
+file of a dataset: the plan's (``vqseg prepare`` chooses it once from the dataset's median spacing,
+``data/plan.py``), else the axis with the largest spacing of the case's first image file; a label
+file and further channel files are always read along their image's axis, so they can never be
+transposed against it. A prediction is moved back to the input's axis order and written with the
+input's own affine and header, so it overlays the input exactly in any viewer.
 
 Intensity rules (``data.intensity``), applied per case and channel so the network sees roughly
 [0, 1] as with the bundled data: ``divide255`` (8-bit images), ``percentile`` (clip to the 0.5 and
@@ -14,8 +16,9 @@ Intensity rules (``data.intensity``), applied per case and channel so the networ
 volumes' own preprocessing). ``auto`` resolves to the bundled dataset's rule.
 
 Label encodings (``data.label_encoding``): ``labels`` (values are class indices), ``binary01``,
-``binary255`` and ``threshold`` (values near 0 and near the dataset's maximum, e.g. JPEG-compressed
-binary masks: foreground is at least half the maximum).
+``binary255``, ``threshold`` (values near 0 and near the dataset's maximum, e.g. JPEG-compressed
+binary masks: foreground is at least half the maximum) and ``values`` (grey levels such as
+0/128/255 that the user mapped to classes, ``vqseg prepare --mask-values``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,10 +34,13 @@ from PIL import Image, UnidentifiedImageError
 from vqseg.data.volumes import DataError, Geometry, Volume, check_volume
 from vqseg.engine.checkpoint import replace_atomically
 
+if TYPE_CHECKING:
+    import nibabel as nib
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 INTENSITY_RULES = ("divide255", "percentile", "minmax")
-LABEL_ENCODINGS = ("labels", "binary01", "binary255", "threshold")
+LABEL_ENCODINGS = ("labels", "binary01", "binary255", "threshold", "values")
 # What ``auto`` means for the bundled datasets (their readers normalise on their own).
 _BUNDLED = {"acdc": ("minmax", "labels"), "phantom": ("minmax", "labels"), "cvc": ("divide255", "threshold")}
 _GREY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
@@ -65,11 +72,15 @@ class Case:
 
 @dataclass
 class Raw:
-    """An array as stored, in D x C x H x W order, with what is needed to write a result back."""
+    """An array as stored, in D x C x H x W order, with what is needed to write a result back.
+
+    ``spacing`` follows the array (slice axis first); ``zooms`` is the header's, in file axis order.
+    """
 
     array: np.ndarray
     spacing: tuple[float, ...] | None
     geometry: Geometry
+    zooms: tuple[float, ...] | None = None
 
 
 def _check_file(path: Path) -> None:
@@ -79,13 +90,19 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: file is empty (0 bytes)")
 
 
-def slice_axis(zooms: tuple[float, ...]) -> int:
-    """The axis with the largest spacing; ties go to the last such axis."""
-    z = np.asarray(zooms)
-    return int(len(z) - 1 - np.argmax(z[::-1]))
+# Spacings within this fraction of the largest count as equal: header floats (0.9 vs 0.90001)
+# must not decide the slicing plane.
+SPACING_TOLERANCE = 0.01
 
 
-def _read_nifti(path: Path) -> Raw:
+def slice_axis(zooms: tuple[float, ...], tolerance: float = SPACING_TOLERANCE) -> int:
+    """The axis with the largest spacing; spacings within ``tolerance`` (relative) of it are ties,
+    and ties go to the last such axis (NIfTI's usual slice axis, nnU-Net's choice too)."""
+    z = np.asarray(zooms, dtype=float)
+    return int(np.flatnonzero(z >= z.max() * (1 - tolerance))[-1])
+
+
+def _read_nifti(path: Path, axis: int | None) -> Raw:
     import nibabel as nib
 
     try:
@@ -96,13 +113,13 @@ def _read_nifti(path: Path) -> Raw:
     zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
     geometry = Geometry(path, tuple(data.shape), None, img.affine.copy(), img.header.copy())
     if data.ndim == 2:
-        return Raw(data[None, None], (1.0, *zooms), geometry)
+        return Raw(data[None, None], (1.0, *zooms), geometry, zooms)
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 2D or 3D volume, got shape {data.shape} (store one channel per file)")
-    axis = slice_axis(zooms)
+    axis = slice_axis(zooms) if axis is None else axis
     geometry.slice_axis = axis
     spacing = (zooms[axis], *(z for i, z in enumerate(zooms) if i != axis))
-    return Raw(np.moveaxis(data, axis, 0)[:, None], spacing, geometry)
+    return Raw(np.moveaxis(data, axis, 0)[:, None], spacing, geometry, zooms)
 
 
 def _read_picture(path: Path, mask: bool) -> Raw:
@@ -134,10 +151,13 @@ def _mask_array(img: Image.Image, path: Path) -> np.ndarray:
     return rgb[..., 0]
 
 
-def read_file(path: Path, mask: bool = False) -> Raw:
-    """Read one image or label file; every failure is a DataError naming the file."""
+def read_file(path: Path, mask: bool = False, axis: int | None = None) -> Raw:
+    """Read one image or label file; every failure is a DataError naming the file.
+
+    ``axis``: the array axis a 3D volume is sliced along (None: its own largest spacing).
+    """
     _check_file(path)
-    return _read_nifti(path) if is_nifti(path) else _read_picture(path, mask)
+    return _read_nifti(path, axis) if is_nifti(path) else _read_picture(path, mask)
 
 
 def _same_geometry(a: Raw, b: Raw) -> bool:
@@ -157,15 +177,17 @@ def check_geometry(reference: Raw, other: Raw, what: str) -> None:
         )
 
 
-def read_images(case: Case) -> Raw:
-    """All image files of a case, stacked as channels, checked to share one geometry."""
-    parts = [read_file(path) for path in case.images]
+def read_images(case: Case, axis: int | None = None) -> Raw:
+    """All image files of a case, stacked as channels, checked to share one geometry; every
+    channel is sliced along ``axis`` (None: the first file's own largest spacing)."""
+    first = read_file(case.images[0], axis=axis)
+    parts = [first, *(read_file(path, axis=first.geometry.slice_axis) for path in case.images[1:])]
     for part in parts[1:]:
         check_geometry(parts[0], part, "channel")
     array = np.concatenate([p.array for p in parts], axis=1) if len(parts) > 1 else parts[0].array
     if not np.isfinite(array).all():
         raise DataError(f"{case.images[0]}: image contains NaN or Inf intensities")
-    return Raw(array, parts[0].spacing, parts[0].geometry)
+    return Raw(array, first.spacing, first.geometry, first.zooms)
 
 
 def normalise(array: np.ndarray, rule: str, source: Path) -> np.ndarray:
@@ -188,7 +210,9 @@ def normalise(array: np.ndarray, rule: str, source: Path) -> np.ndarray:
     return out
 
 
-def decode_labels(raw: np.ndarray, encoding: str, num_classes: int, mask_max: int, source: Path) -> np.ndarray:
+def decode_labels(
+    raw: np.ndarray, encoding: str, num_classes: int, mask_max: int, source: Path, mask_values: list[int] | None = None
+) -> np.ndarray:
     """Stored mask values -> class indices; anything that does not fit the encoding is refused."""
     if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):
         raise DataError(f"{source}: label holds non-integer values")
@@ -201,6 +225,15 @@ def decode_labels(raw: np.ndarray, encoding: str, num_classes: int, mask_max: in
                 "it would read as empty"
             )
         return (raw >= mask_max / 2).astype(np.uint8)
+    if encoding == "values":
+        if not mask_values:
+            raise DataError(f"{source}: label encoding 'values' needs the mask values of each class (--mask-values)")
+        outside = sorted(set(values.tolist()) - set(mask_values))
+        if outside:
+            raise DataError(f"{source}: mask values {outside[:5]} are not among --mask-values {mask_values}")
+        lookup = np.zeros(max(mask_values) + 1, np.uint8)
+        lookup[mask_values] = np.arange(len(mask_values))
+        return lookup[raw.astype(np.int64)]
     if encoding == "binary255":
         allowed, scale = {0, 255}, 255
     elif encoding in ("labels", "binary01"):
@@ -214,16 +247,27 @@ def decode_labels(raw: np.ndarray, encoding: str, num_classes: int, mask_max: in
 
 
 def read_case(
-    case: Case, intensity: str, encoding: str, num_classes: int, mask_max: int = 255, with_label: bool = True
+    case: Case,
+    intensity: str,
+    encoding: str,
+    num_classes: int,
+    mask_max: int = 255,
+    with_label: bool = True,
+    axis: int | None = None,
+    mask_values: list[int] | None = None,
 ) -> Volume:
-    """One case as a Volume: channels stacked, intensities normalised, labels decoded and checked."""
-    raw = read_images(case)
+    """One case as a Volume: channels stacked, intensities normalised, labels decoded and checked.
+
+    ``axis``: the plan's slicing axis for 3D volumes (None: the case's own largest spacing); the
+    label is read along the image's axis whatever its own header says.
+    """
+    raw = read_images(case, axis)
     image = normalise(raw.array, intensity, case.images[0])
     label = None
     if with_label and case.label is not None:
-        stored = read_file(case.label, mask=True)
+        stored = read_file(case.label, mask=True, axis=raw.geometry.slice_axis)
         check_geometry(raw, stored, "label")
-        label = decode_labels(stored.array[:, 0], encoding, num_classes, mask_max, case.label)
+        label = decode_labels(stored.array[:, 0], encoding, num_classes, mask_max, case.label, mask_values)
         check_volume(image, label, num_classes, case.label)
     return Volume(case.name, image, label, raw.spacing, raw.geometry)
 
@@ -260,33 +304,49 @@ def to_input_order(array: np.ndarray, geometry: Geometry | None) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else array
 
 
-def write_labels(labels: np.ndarray, volume: Volume, path: Path, scale: int = 1) -> None:
-    """Write predicted labels (D x H x W) in the input's geometry: NIfTI with its affine and header, else PNG."""
+def write_labels(labels: np.ndarray, volume: Volume, path: Path, values: np.ndarray | None = None) -> None:
+    """Write predicted labels (D x H x W) in the input's geometry: NIfTI with its affine and header, else
+    PNG with class k stored as ``values[k]`` (default: k)."""
     data = to_input_order(labels, volume.geometry).astype(np.uint8)
-    if path.name.lower().endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        geometry = volume.geometry
-        if geometry is None or geometry.header is None:
-            img = nib.Nifti1Image(data, np.eye(4))
-        else:  # affine None: the header's own qform/sform (and their codes) are kept as they are
-            header = geometry.header.copy()
-            header.set_data_dtype(np.uint8)
-            img = nib.Nifti1Image(data, None, header=header)
-        payload = img.to_bytes()
+    if is_nifti(path):
+        payload = _label_nifti(data, volume.geometry).to_bytes()
         if path.name.lower().endswith(".gz"):
-            payload = gzip.compress(payload)
+            payload = gzip.compress(payload, compresslevel=1)  # label maps compress well even at the fastest level
         replace_atomically(path, lambda tmp: tmp.write_bytes(payload))
         return
     if data.ndim != 2:
         raise DataError(f"{path}: a {labels.shape[0]}-slice prediction cannot be written as a 2D image")
-    picture = Image.fromarray((data.astype(np.int64) * scale).astype(np.uint8), mode="L")
+    stored = data.astype(np.int64) if values is None else values[data]
+    picture = Image.fromarray(stored.astype(np.uint8), mode="L")
     replace_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
-def label_scale(encoding: str) -> int:
-    """Predicted masks are written in the training masks' own encoding (0/255 stays 0/255)."""
-    return 255 if encoding in ("binary255", "threshold") else 1
+def _label_nifti(data: np.ndarray, geometry: Geometry | None) -> nib.Nifti1Image:
+    """A uint8 label image with the input's geometry (qform/sform and their codes, zooms, units kept) but
+    none of its display or intensity fields: a viewer would otherwise window the labels like the input
+    (``cal_max=3000``) or a reader rescale them (``scl_slope``); the intent says it is a label map."""
+    import nibabel as nib
+
+    if geometry is None or geometry.header is None:
+        img = nib.Nifti1Image(data, np.eye(4))
+    else:  # affine None: the header's own qform/sform (and their codes) are kept as they are
+        img = nib.Nifti1Image(data, None, header=geometry.header.copy())
+    header = img.header
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(None, None)
+    header.set_intent("label")
+    header["cal_min"] = header["cal_max"] = 0
+    header["descrip"] = b"vqseg prediction"
+    return img
+
+
+def stored_values(encoding: str, num_classes: int, mask_values: list[int] | None = None) -> np.ndarray:
+    """Class index -> the value written for it: predicted masks use the training masks' own encoding
+    (0/255 stays 0/255, grey levels given by ``--mask-values`` stay those levels)."""
+    if encoding == "values" and mask_values:
+        return np.asarray(mask_values, dtype=np.int64)
+    scale = 255 if encoding in ("binary255", "threshold") else 1
+    return np.arange(num_classes, dtype=np.int64) * scale
 
 
 # Class colours chosen to stand out on grey (MRI, CT) and on red (endoscopy) images alike.
@@ -321,6 +381,6 @@ def write_probabilities(probabilities: np.ndarray, volume: Volume, path: Path, c
 
     def save(tmp: Path) -> None:
         with tmp.open("wb") as f:
-            np.savez_compressed(f, probabilities=array.astype(np.float32), class_names=names)
+            np.savez_compressed(f, probabilities=array.astype(np.float32, copy=False), class_names=names)
 
     replace_atomically(path, save)

@@ -66,7 +66,8 @@ def load_cvc_split(cfg: Config, split: str) -> list[Volume]:
     return [read_frame(root, frame) for frame in splits[split]]
 
 
-def load_cvc(cfg: Config) -> SegmentationData:
+def _labeled_frames(cfg: Config) -> tuple[Path, dict, list[bool]]:
+    """The split file, and for each training frame whether its sequence is labelled."""
     root, splits = _splits(cfg)
     sequence = splits["sequence_of_frame"]
     train_sequences = sorted({sequence[f] for f in splits["train"]})
@@ -80,8 +81,23 @@ def load_cvc(cfg: Config) -> SegmentationData:
         if not 1 <= count <= len(train_sequences):
             raise DataError(f"data.labeled_cases={count} but the training split has {len(train_sequences)} sequences")
         labeled_sequences = set(train_sequences[:count])
+    return root, splits, [sequence[f] in labeled_sequences for f in splits["train"]]
+
+
+def cvc_split_lists(cfg: Config) -> dict[str, list[str]]:
+    _, splits, is_labeled = _labeled_frames(cfg)
+    train = [f"frame{f}" for f in splits["train"]]
+    return {
+        "labeled": [n for n, lab in zip(train, is_labeled) if lab],
+        "unlabeled": [n for n, lab in zip(train, is_labeled) if not lab],
+        "val": [f"frame{f}" for f in splits["val"]],
+        "test": [f"frame{f}" for f in splits["test"]],
+    }
+
+
+def load_cvc(cfg: Config) -> SegmentationData:
+    root, splits, is_labeled = _labeled_frames(cfg)
     frames = [read_frame(root, f) for f in splits["train"]]
-    is_labeled = [sequence[f] in labeled_sequences for f in splits["train"]]
     size = cfg.train.image_size
     return SegmentationData(
         labeled=stack_slices([v for v, lab in zip(frames, is_labeled) if lab], size, keep_labels=True, channels=3),

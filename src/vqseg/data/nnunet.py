@@ -53,7 +53,14 @@ def read_dataset_json(root: Path) -> dict:
     if ending not in NIFTI_SUFFIXES + IMAGE_SUFFIXES:
         raise DataError(f"{path}: 'file_ending' {ending!r} is not supported; use one of {list(NIFTI_SUFFIXES + IMAGE_SUFFIXES)}")
     names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    return {"channels": len(channels), "class_names": names[1:], "num_classes": len(names), "file_ending": ending}
+    try:
+        channel_names = [str(channels[k]) for k in sorted(channels, key=int)]
+    except ValueError:
+        raise DataError(f"{path}: 'channel_names' keys must be channel indices 0, 1, ...") from None
+    return {
+        "channels": len(channels), "channel_names": channel_names, "class_names": names[1:], "num_classes": len(names),
+        "file_ending": ending,
+    }
 
 
 def group_channel_files(files: list[Path], ending: str, folder: Path) -> dict[str, list[Path]]:

@@ -77,17 +77,38 @@ def make_cases(seed: int, count: int, prefix: str) -> list[Volume]:
     return [make_case(rng, f"{prefix}{i:03d}") for i in range(count)]
 
 
+# split -> (generator seed, case-name prefix); disjoint seeds, so no phantom leaks between splits
+_SPLITS = {"labeled": (1000, "lab"), "unlabeled": (2000, "unl"), "val": (3000, "val"), "test": (4000, "test")}
+
+
+def _case_counts(cfg: Config) -> dict[str, int]:
+    d = cfg.data
+    return {
+        "labeled": max(1, -(-d.phantom_labeled // SLICES_PER_CASE)),
+        "unlabeled": max(1, -(-d.phantom_unlabeled // SLICES_PER_CASE)),
+        "val": max(1, d.phantom_val // SLICES_PER_CASE),
+        "test": max(1, d.phantom_test // SLICES_PER_CASE),
+    }
+
+
+def _cases(cfg: Config, split: str) -> list[Volume]:
+    seed, prefix = _SPLITS[split]
+    return make_cases(seed, _case_counts(cfg)[split], prefix)
+
+
+def phantom_split_lists(cfg: Config) -> dict[str, list[str]]:
+    return {split: [f"{_SPLITS[split][1]}{i:03d}" for i in range(n)] for split, n in _case_counts(cfg).items()}
+
+
 def load_phantom_split(cfg: Config, split: str) -> list[Volume]:
-    count = {"val": cfg.data.phantom_val, "test": cfg.data.phantom_test}[split]
-    return make_cases({"val": 3000, "test": 4000}[split], max(1, count // SLICES_PER_CASE), split)
+    return _cases(cfg, split)
 
 
 def load_phantom(cfg: Config) -> SegmentationData:
-    """Disjoint seeds per split so no phantom leaks between training, validation and test."""
     d = cfg.data
     size = cfg.train.image_size
-    labeled = make_cases(1000, max(1, -(-d.phantom_labeled // SLICES_PER_CASE)), "lab")
-    unlabeled = make_cases(2000, max(1, -(-d.phantom_unlabeled // SLICES_PER_CASE)), "unl")
+    labeled = _cases(cfg, "labeled")
+    unlabeled = _cases(cfg, "unlabeled")
     labeled_set = stack_slices(labeled, size, keep_labels=True)
     keep = min(d.phantom_labeled, len(labeled_set))
     labeled_set.images, labeled_set.labels = labeled_set.images[:keep], labeled_set.labels[:keep]

@@ -7,11 +7,16 @@ NaN/Inf. What it detects (format, classes, channels, mask encoding, intensity ru
 with the split to ``DATA_DIR/vqseg_splits.json``; training (``data.dataset: prepared``) and
 evaluation read only that file and the data, so they never guess again.
 
-Splits: labelled cases are shuffled by group (``--group REGEX``: cases whose names give the same
-key, the first regex group or else the whole match, are never split apart) with ``--seed``; test
-takes the first groups, validation the next, training the rest; ``--labeled`` picks the training
-groups that keep their labels, in the same order. Cases without a label are always unlabelled
-training data. The same arguments give the same split.
+The fingerprint and plan (``data/plan.py``) are stored in the same file: every 3D volume of the
+dataset is sliced along the plan's axis, in training, evaluation and ``predict``.
+
+Splits: groups of cases (``--group REGEX``: cases whose names give the same key, the first regex
+group or else the whole match, are never split apart; without it every case is its own group) that
+hold a label are shuffled with ``--seed``; test takes the first groups, validation the next,
+training the rest; ``--labeled`` picks the training groups that keep their labels, in the same
+order. A case without a label is unlabelled training data when its group trains, and is left out
+when its group is in validation or test (training on a test patient's other frames would leak it).
+The same arguments give the same split.
 """
 
 from __future__ import annotations
@@ -27,11 +32,15 @@ import numpy as np
 from vqseg.config import Config, ConfigError, DataConfig, resolve_path
 from vqseg.data import imagefolder, nnunet
 from vqseg.data.casefiles import Case, check_geometry, decode_labels, read_case, read_file, read_images
+from vqseg.data.plan import FingerprintBuilder, cases_against_plan, describe_plan, make_plan
 from vqseg.data.volumes import DataError, SegmentationData, Volume, stack_slices
 
 SPLIT_FILE = "vqseg_splits.json"
 SPLITS = ("labeled", "unlabeled", "val", "test")
-INFO_KEYS = ("format", "num_classes", "class_names", "in_channels", "label_encoding", "mask_max", "intensity")
+INFO_KEYS = (
+    "format", "num_classes", "class_names", "in_channels", "label_encoding", "mask_max", "mask_values", "intensity",
+    "plan",
+)
 
 
 @dataclass
@@ -44,15 +53,18 @@ class Prepared:
     splits: dict[str, list[str]]
 
     def volumes(self, split: str, intensity: str | None = None) -> list[Volume]:
-        """The split's cases read with the dataset's own intensity rule, or a run's (cross-dataset)."""
+        """The split's cases read with the plan: the dataset's own intensity rule, or a run's (cross-dataset)."""
+        info = self.info
         return [
             read_case(
                 self.cases[name],
-                intensity or self.info["intensity"],
-                self.info["label_encoding"],
-                self.info["num_classes"],
-                self.info["mask_max"],
+                intensity or info["intensity"],
+                info["label_encoding"],
+                info["num_classes"],
+                info["mask_max"],
                 with_label=split != "unlabeled",
+                axis=info["plan"]["slice_axis"],
+                mask_values=info["mask_values"],
             )
             for name in self.splits[split]
         ]
@@ -85,13 +97,16 @@ class Survey:
     lines: list[str]
 
 
-def survey(root: Path) -> Survey:
-    """Read every file once: integrity checks, detected settings and the summary lines."""
+def survey(root: Path, mask_values: list[int] | None = None) -> Survey:
+    """Read every file once: integrity checks, fingerprint, plan, detected settings and the summary lines."""
     fmt, cases, spec = _list(root)
+    if mask_values and fmt == "nnunet":
+        raise DataError(f"{root}: --mask-values is for image folders; an nnU-Net dataset's labels come from dataset.json")
     channels: int | None = spec.get("channels")
-    mask_values: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
-    all_uint8, slices, low, high = True, 0, np.inf, -np.inf
-    spacings, sizes = [], []
+    mask_values_found: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+    all_uint8, slices = True, 0
+    sizes = []
+    fingerprint: FingerprintBuilder | None = None
     for case in cases.values():
         raw = read_images(case)
         found = raw.array.shape[1]
@@ -102,27 +117,34 @@ def survey(root: Path) -> Survey:
             raise DataError(f"{case.images[0]}: {found} channel(s) but {source} {channels}")
         all_uint8 &= raw.array.dtype == np.uint8 and raw.geometry.affine is None
         slices += raw.array.shape[0]
-        low, high = min(low, float(raw.array.min())), max(high, float(raw.array.max()))
         sizes.append(raw.array.shape[-2:])
-        if raw.spacing is not None:
-            spacings.append(raw.spacing)
+        stored = None
         if case.label is not None:
-            stored = read_file(case.label, mask=True)
+            stored = read_file(case.label, mask=True, axis=raw.geometry.slice_axis)
             check_geometry(raw, stored, "label")
-            mask_values[case.label] = np.unique(stored.array, return_counts=True)
+            mask_values_found[case.label] = np.unique(stored.array, return_counts=True)
+        fingerprint = fingerprint or FingerprintBuilder(channels)
+        label = None if stored is None else stored.array[:, 0]
+        fingerprint.add(case.name, raw.geometry.shape, raw.zooms, raw.array, label)
     labelled = [c for c in cases.values() if c.label is not None]
     if not labelled:
         raise DataError(f"{root}: no case has a label; at least the validation cases need one")
     if fmt == "nnunet":
         encoding, num_classes, mask_max = "labels", spec["num_classes"], spec["num_classes"] - 1
         names, described = spec["class_names"], "label maps declared in dataset.json"
+        channel_names = spec["channel_names"]
     else:
-        encoding, num_classes, mask_max, described = imagefolder.detect_encoding(mask_values)
+        encoding, num_classes, mask_max, described = imagefolder.detect_encoding(mask_values_found, mask_values)
         names = ["foreground"] if num_classes == 2 else [f"class_{k}" for k in range(1, num_classes)]
+        channel_names = ["R", "G", "B"] if channels == 3 else [f"channel_{c}" for c in range(channels)]
+    declared = list(mask_values) if encoding == "values" else None
     frequency = np.zeros(num_classes)
-    for path, (values, counts) in mask_values.items():
-        decoded = decode_labels(values, encoding, num_classes, mask_max, path)
+    for path, (values, counts) in mask_values_found.items():
+        decoded = decode_labels(values, encoding, num_classes, mask_max, path, declared)
         frequency += np.bincount(decoded, weights=counts, minlength=num_classes)
+    intensity = "divide255" if all_uint8 else "percentile"
+    prints = fingerprint.build(channel_names)
+    plan = make_plan(prints, intensity)
     info = {
         "format": fmt,
         "num_classes": num_classes,
@@ -130,26 +152,40 @@ def survey(root: Path) -> Survey:
         "in_channels": channels,
         "label_encoding": encoding,
         "mask_max": mask_max,
-        "intensity": "divide255" if all_uint8 else "percentile",
+        "mask_values": declared,
+        "intensity": intensity,
+        "plan": plan,
     }
     share = ", ".join(f"{n} {100 * f / frequency.sum():.2f} %" for n, f in zip(["background", *names], frequency))
     rule = "divided by 255" if all_uint8 else "clipped to the 0.5-99.5 percentiles, then min-max to [0, 1], per case and channel"
+    low = min(c["min"] for c in prints["intensity"])
+    high = max(c["max"] for c in prints["intensity"])
+    spacings = [z for z in prints["spacings"].values() if z is not None and len(z) == 3]
     lines = [
         f"dataset: {root} ({'nnU-Net v2 raw, ' + spec['file_ending'] if fmt == 'nnunet' else 'image folder'})",
         f"cases: {len(cases)} ({len(labelled)} with labels, {len(cases) - len(labelled)} without), slices: {slices}",
-        f"channels: {channels}",
+        f"channels: {channels} ({', '.join(channel_names)})",
         f"classes ({num_classes}, voxel frequency): {share}",
         f"mask encoding: {described}",
         f"image size (H x W): {_range([s[0] for s in sizes])} x {_range([s[1] for s in sizes])}",
         "spacing: "
         + (
-            " x ".join(_range([s[i] for s in spacings], "{:.3g}") for i in range(3)) + " mm (slice axis, then in-plane)"
+            " x ".join(_range([s[i] for s in spacings], "{:.3g}") for i in range(3)) + " mm (file axis order)"
             if spacings
             else "none stored: distances are in pixels"
         ),
         f"intensity: {low:.4g} .. {high:.4g}, {rule}",
+        describe_plan(prints, plan),
     ]
-    return Survey(info, cases, lines)
+    odd = cases_against_plan(prints, plan)
+    if odd:
+        shown = ", ".join(f"{n} ({' x '.join(f'{z:.3g}' for z in prints['spacings'][n])})" for n in odd[:5])
+        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+        lines.append(
+            f"note: {len(odd)} case(s) have their largest spacing on another axis: {shown}{more}; they are sliced "
+            f"along axis {plan['slice_axis']} like every case: check their orientation"
+        )
+    return Survey({**info, "fingerprint": prints}, cases, lines)
 
 
 def _range(values: list, fmt: str = "{}") -> str:
@@ -190,37 +226,50 @@ def _group_key(name: str, pattern: re.Pattern | None) -> str:
 def make_split(
     cases: dict[str, Case], labeled: str, val: str, test: str, seed: int, group: str | None
 ) -> dict[str, list[str]]:
-    """Deterministic group-aware split of the labelled cases; label-less cases are unlabelled data."""
+    """Deterministic group-aware split; returns the four splits and ``left_out``: label-less cases
+    whose group went to validation or test (used nowhere, so test patients never train)."""
     try:
         pattern = re.compile(group) if group else None
     except re.error as err:
         raise DataError(f"--group {group!r} is not a valid regular expression ({err})") from None
-    with_label = sorted(n for n, c in cases.items() if c.label is not None)
     groups: dict[str, list[str]] = {}
-    for name in with_label:
+    for name in sorted(cases):
         groups.setdefault(_group_key(name, pattern), []).append(name)
-    keys = sorted(groups)
+    labelled = {key: [n for n in names if cases[n].label is not None] for key, names in groups.items()}
+    keys = sorted(k for k, names in labelled.items() if names)
     order = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
-    n = len(with_label)
+    n = sum(len(labelled[k]) for k in keys)
     wanted = {"test": parse_amount(test, n, "--test"), "val": parse_amount(val, n, "--val")}
     parts: dict[str, list[str]] = {"test": [], "val": [], "train": []}
+    home: dict[str, str] = {}
     for key in order:
         target = next((s for s in ("test", "val") if len(parts[s]) < wanted[s]), "train")
-        parts[target].extend(groups[key])
+        parts[target].extend(labelled[key])
+        home[key] = target
     if not parts["val"]:
         raise DataError(f"--val={val!r}: the validation split would be empty (it chooses the checkpoint)")
     if not parts["train"]:
         raise DataError(f"--val={val!r} and --test={test!r} leave no labelled case for training ({n} labelled cases)")
-    train_groups = [k for k in order if groups[k][0] in parts["train"]]
+    train_groups = [k for k in order if home[k] == "train"]
     count = parse_amount(labeled, len(parts["train"]), "--labeled")
     if not 1 <= count <= len(parts["train"]):
         raise DataError(f"--labeled={labeled!r} but the training split has {len(parts['train'])} labelled cases")
     kept: list[str] = []
     for key in train_groups:
         if len(kept) < count:
-            kept.extend(groups[key])
-    unlabeled = [n for n in parts["train"] if n not in kept] + sorted(n for n, c in cases.items() if c.label is None)
-    return {"labeled": sorted(kept), "unlabeled": sorted(unlabeled), "val": sorted(parts["val"]), "test": sorted(parts["test"])}
+            kept.extend(labelled[key])
+    label_less = {key: [n for n in names if cases[n].label is None] for key, names in groups.items()}
+    unlabeled = [n for n in parts["train"] if n not in kept]
+    left_out = []
+    for key, names in label_less.items():
+        (left_out if home.get(key, "train") in ("val", "test") else unlabeled).extend(names)
+    return {
+        "labeled": sorted(kept),
+        "unlabeled": sorted(unlabeled),
+        "val": sorted(parts["val"]),
+        "test": sorted(parts["test"]),
+        "left_out": sorted(left_out),
+    }
 
 
 def prepare(
@@ -231,22 +280,29 @@ def prepare(
     seed: int = 0,
     group: str | None = None,
     force: bool = False,
+    mask_values: list[int] | None = None,
 ) -> list[str]:
-    """Verify, split and write ``DATA_DIR/vqseg_splits.json`` atomically; returns the summary lines."""
+    """Verify, plan, split and write ``DATA_DIR/vqseg_splits.json`` atomically; returns the summary lines."""
     root = Path(root)
-    found = survey(root)
+    found = survey(root, mask_values)
     splits = make_split(found.cases, labeled, val, test, seed, group)
     content = {
         **found.info,
-        "prepared_with": {"labeled": labeled, "val": val, "test": test, "seed": seed, "group": group},
+        "prepared_with": {
+            "labeled": labeled, "val": val, "test": test, "seed": seed, "group": group, "mask_values": mask_values,
+        },
         **splits,
     }
     path = root / SPLIT_FILE
-    counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    counts = ", ".join(f"{k} {len(splits[k])}" for k in SPLITS)
     training = [n for n in splits["labeled"] + splits["unlabeled"] if found.cases[n].label is not None]
     asked = parse_amount(labeled, len(training), "--labeled")
     if group and len(splits["labeled"]) != asked:
         counts += f" (--labeled asked for about {asked}: whole groups are kept)"
+    if splits["left_out"]:
+        counts += (
+            f"; {len(splits['left_out'])} case(s) without a label left out: their group is in validation or test"
+        )
     if path.is_file() and not force:
         try:
             same = json.loads(path.read_text()) == content
@@ -283,17 +339,20 @@ def open_prepared(root: Path) -> Prepared:
         raise DataError(f"{path}: cannot be read as JSON ({err})") from None
     missing = [k for k in INFO_KEYS + SPLITS if k not in content]
     if missing:
-        raise DataError(f"{path}: keys {missing} are missing; run `vqseg prepare {root} --force`")
+        raise DataError(
+            f"{path}: keys {missing} are missing (written by an older vqseg, without the dataset's plan); "
+            f"run `vqseg prepare {root} --force` with the same arguments"
+        )
     splits = {k: list(content[k]) for k in SPLITS}
     seen: dict[str, str] = {}
-    for split, names in splits.items():
+    for split, names in {**splits, "left_out": list(content.get("left_out", []))}.items():
         for name in names:
             if name in seen:
                 raise DataError(f"{path}: case {name!r} is in both {seen[name]!r} and {split!r}")
             seen[name] = split
             if name not in cases:
                 raise DataError(f"{path}: split {split!r} names case {name!r}, which is not in {root}")
-            if split != "unlabeled" and cases[name].label is None:
+            if split not in ("unlabeled", "left_out") and cases[name].label is None:
                 raise DataError(f"{path}: case {name!r} in split {split!r} has no label")
     if content["format"] != fmt:
         raise DataError(f"{path}: written for a {content['format']} dataset but {root} is {fmt}; prepare again")
@@ -304,7 +363,7 @@ def _prepared_root(cfg: Config) -> Path:
     return resolve_path(cfg.data.root)
 
 
-DICTATED = ("num_classes", "in_channels", "class_names", "intensity", "label_encoding")
+DICTATED = ("num_classes", "in_channels", "class_names", "intensity", "label_encoding", "mask_values", "slice_axis")
 
 
 def adopt_prepared_settings(cfg: Config) -> None:
@@ -314,7 +373,7 @@ def adopt_prepared_settings(cfg: Config) -> None:
     (the dataset, not the user, knows its classes, channels and encodings).
     """
     root = _prepared_root(cfg)
-    info = open_prepared(root).info
+    info = dictated(open_prepared(root).info)
     defaults = DataConfig()
     for key in DICTATED:
         value, found = getattr(cfg.data, key), info[key]
@@ -323,6 +382,11 @@ def adopt_prepared_settings(cfg: Config) -> None:
                 f"data.{key}={value!r} but the prepared dataset {root} has {found!r}; leave data.{key} out of the config"
             )
         setattr(cfg.data, key, found)
+
+
+def dictated(info: dict) -> dict:
+    """The ``data.*`` values a prepared dataset dictates, the plan's slicing axis among them."""
+    return {**{k: info[k] for k in DICTATED if k in info}, "slice_axis": info["plan"]["slice_axis"]}
 
 
 def load_prepared(cfg: Config) -> SegmentationData:
@@ -336,8 +400,12 @@ def load_prepared(cfg: Config) -> SegmentationData:
         num_classes=info["num_classes"],
         class_names=info["class_names"],
         in_channels=channels,
-        settings={k: info[k] for k in ("class_names", "intensity", "label_encoding")},
+        settings={k: v for k, v in dictated(info).items() if k not in ("num_classes", "in_channels")},
     )
+
+
+def prepared_split_lists(cfg: Config) -> dict[str, list[str]]:
+    return open_prepared(_prepared_root(cfg)).splits
 
 
 def load_prepared_split(cfg: Config, split: str) -> list[Volume]:

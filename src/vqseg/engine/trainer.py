@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vqseg.config import Config, ConfigError, UserError, resume_conflicts, save_config, to_dict
-from vqseg.data import DataError, SegmentationData, load_training_data, resolve_data_config
+from vqseg.data import DataError, SegmentationData, load_training_data, resolve_data_config, split_lists
 from vqseg.data.provenance import add_provenance
 from vqseg.engine.checkpoint import (
     load_checkpoint,
@@ -40,10 +40,13 @@ from vqseg.engine.distributed import (
     shutdown,
 )
 from vqseg.engine.run_dir import (
+    SPLIT_NAME,
     RunFolderError,
     check_output_dir,
+    check_pinned_split,
     clear_run,
     existing_run_files,
+    pin_split,
     run_folder_lock,
 )
 from vqseg.engine.sampler import InfiniteSampler
@@ -235,6 +238,8 @@ def _claim_run_folder(
         if resume:
             state = load_checkpoint(run_dir / "last.pt", device, required=_RESUME_KEYS)
             _check_resume_config(state["config"], cfg, run_dir / "last.pt")
+            if info.is_main:
+                check_pinned_split(run_dir, split_lists(cfg), "train --resume")
             if len(state["samplers"]) != info.world_size:  # each process owns its data stream
                 raise ConfigError(
                     f"--resume: {run_dir / 'last.pt'} was written by {len(state['samplers'])} process(es); "
@@ -325,6 +330,8 @@ def _train(
         if overwrite:
             clear_run(run_dir)
         replace_atomically(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
+        if not resume or not (run_dir / SPLIT_NAME).is_file():  # fresh, or begun before splits were pinned
+            pin_split(run_dir, cfg.data.dataset, split_lists(cfg))
 
     log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume else None) if info.is_main else None
     # Closed by the stack on any exit, so an error line starts on a line of its own after the bar.

@@ -3,7 +3,11 @@ dataset (``--data``), and write a JSON + markdown summary and a per-case CSV.
 
 Distances are in mm from each case's own header spacing when its files store one (NIfTI), in
 voxels for the bundled h5 volumes and phantoms and in pixels for 2D images, unless ``--spacing``
-gives one for every case; the unit is stated in every output.
+gives one for every case (one value per axis of the stored files, in their order); the unit is
+stated in every output.
+
+A run is scored only on the split it was trained with (``split.json`` in the run folder, see
+``engine/run_dir.py``); another dataset (``--data``) is matched to the run's classes by name.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import numpy as np
 import torch
 
 from vqseg.config import Config, ConfigError, load_config, resolve_path
-from vqseg.data import Volume, load_split
-from vqseg.data.casefiles import label_scale, prediction_filename, resolved_rules, write_labels
+from vqseg.data import Volume, load_split, split_lists
+from vqseg.data.casefiles import prediction_filename, resolved_rules, stored_values, write_labels
 from vqseg.data.prepare import open_prepared
 from vqseg.data.volumes import DataError
 from vqseg.engine.checkpoint import load_checkpoint, load_weights, replace_atomically
+from vqseg.engine.run_dir import check_pinned_split
 from vqseg.engine.trainer import build_run_method, select_device
 from vqseg.evaluation.inference import predict_volumes
 from vqseg.evaluation.metrics import ClassScore, aggregate, format_markdown, score_volume
@@ -50,19 +55,63 @@ def run_rules(cfg: Config) -> tuple[str, str]:
     return resolved_rules(cfg.data.dataset, cfg.data.intensity, cfg.data.label_encoding)
 
 
-def other_dataset_volumes(cfg: Config, data_dir: Path, split: str) -> list[Volume]:
-    """A split of any prepared dataset, read with the run's intensity rule; classes and channels must match."""
+def parse_class_map(text: str | None) -> dict[str, str] | None:
+    """``--class-map OTHER=RUN,...`` -> {other class name: run class name}, lower case."""
+    if not text:
+        return None
+    pairs = {}
+    for item in text.split(","):
+        other, sep, run = item.partition("=")
+        if not sep or not other.strip() or not run.strip():
+            raise ConfigError(f"--class-map {text!r}: expected OTHER=RUN pairs separated by commas, got {item!r}")
+        pairs[other.strip().lower()] = run.strip().lower()
+    return pairs
+
+
+def class_lookup(other: list[str], run: list[str], data_dir: Path, class_map: dict[str, str] | None) -> np.ndarray:
+    """Other dataset's class index -> the run's, matching foreground classes by name (case-insensitive)
+    or by ``class_map``; a mismatch is refused, since indices alone can swap two structures silently."""
+    own = [name.lower() for name in run]
+    theirs = [name.lower() for name in other]
+    if class_map is None:
+        if sorted(theirs) != sorted(own) or len(set(own)) != len(own):
+            raise DataError(
+                f"{data_dir}: its classes ({', '.join(other)}) do not match the run's ({', '.join(run)}) by name; "
+                "say which is which with --class-map OTHER=RUN,..."
+            )
+        class_map = {name: name for name in theirs}
+    unknown = sorted(set(class_map) - set(theirs)) + sorted(set(class_map.values()) - set(own))
+    if unknown or set(class_map) != set(theirs) or len(set(class_map.values())) != len(own):
+        raise DataError(
+            f"--class-map must pair each of {data_dir}'s classes ({', '.join(other)}) with a different one of the "
+            f"run's ({', '.join(run)})" + (f"; unknown names: {', '.join(unknown)}" if unknown else "")
+        )
+    return np.array([0, *(own.index(class_map[name]) + 1 for name in theirs)], dtype=np.uint8)
+
+
+def other_dataset_volumes(
+    cfg: Config, data_dir: Path, split: str, class_map: dict[str, str] | None = None
+) -> list[Volume]:
+    """A split of any prepared dataset, read with its own plan and the run's intensity rule, its labels
+    renumbered to the run's classes (matched by name); channels must match."""
     prepared = open_prepared(data_dir)
     info = prepared.info
-    for key in ("num_classes", "in_channels"):
-        if info[key] != getattr(cfg.data, key):
-            raise DataError(
-                f"{data_dir}: has {key}={info[key]} ({', '.join(info['class_names'])}) but the run was trained "
-                f"with {getattr(cfg.data, key)} ({', '.join(cfg.data.class_names)})"
-            )
+    if info["num_classes"] != cfg.data.num_classes:
+        raise DataError(
+            f"{data_dir}: has num_classes={info['num_classes']} ({', '.join(info['class_names'])}) but the run was "
+            f"trained with {cfg.data.num_classes} ({', '.join(cfg.data.class_names)})"
+        )
+    if info["in_channels"] != cfg.data.in_channels:
+        raise DataError(
+            f"{data_dir}: has in_channels={info['in_channels']} but the run was trained with {cfg.data.in_channels}"
+        )
+    lookup = class_lookup(info["class_names"], cfg.data.class_names, data_dir, class_map)
     if not prepared.splits[split]:
         raise DataError(f"{data_dir}: split {split!r} is empty")
-    return prepared.volumes(split, run_rules(cfg)[0])
+    volumes = prepared.volumes(split, run_rules(cfg)[0])
+    for volume in volumes:
+        volume.label = lookup[volume.label]
+    return volumes
 
 
 def _data_name(cfg: Config) -> str:
@@ -77,8 +126,16 @@ def _scored(labels: np.ndarray, spacing: tuple[float, ...] | None) -> tuple[np.n
 
 
 def _case_spacing(volume: Volume, override: list[float] | None) -> tuple[tuple[float, ...] | None, str]:
+    """The spacing along the volume's axes (slices first); ``override`` is in the stored file's axis
+    order (NIfTI i, j, k; the bundled h5 volumes' D, H, W; an image's rows, columns)."""
     if override:
-        return tuple(override), "mm"
+        values = tuple(override)
+        if volume.image.shape[0] > 1 and len(values) != 3:
+            raise ConfigError(f"--spacing {' '.join(map(str, values))}: {volume.name} is a volume; give 3 values")
+        axis = volume.geometry.slice_axis if volume.geometry is not None else None
+        if axis is not None:
+            values = (values[axis], *(v for i, v in enumerate(values) if i != axis))
+        return values, "mm"
     if volume.spacing is not None:
         return tuple(volume.spacing), "mm"
     return None, "pixels" if volume.image.shape[0] == 1 else "voxels"
@@ -109,18 +166,24 @@ def evaluate_run(
     spacing: list[float] | None = None,
     data_dir: Path | None = None,
     save_predictions: bool = False,
+    class_map: dict[str, str] | None = None,
 ) -> dict:
     """Score ``split`` (of the run's data, or of the prepared dataset ``data_dir``); files go in run_dir,
     named ``eval_<split>`` (``eval_<split>_<data folder name>`` with ``data_dir``)."""
     run_dir = Path(run_dir)
     cfg, predictor, state = load_run(run_dir, checkpoint)
+    if data_dir:
+        volumes = other_dataset_volumes(cfg, Path(data_dir), split, class_map)
+    else:
+        check_pinned_split(run_dir, split_lists(cfg), "evaluate")
+        volumes = load_split(cfg, split)
     dev = select_device(device)
     predictor.to(dev)
-    volumes = other_dataset_volumes(cfg, Path(data_dir), split) if data_dir else load_split(cfg, split)
     began = time.time()
     predictions = predict_volumes(predictor, volumes, cfg.train.image_size, cfg.eval.batch_size, dev, cfg.train.amp)
     predict_s = time.time() - began
-    override = spacing if spacing is not None else cfg.eval.spacing
+    # The run's eval.spacing describes its own data; another dataset's headers describe theirs.
+    override = spacing if spacing is not None or data_dir else cfg.eval.spacing
     scores, units = [], []
     for pred, vol in zip(predictions, volumes):
         case_spacing, unit = _case_spacing(vol, override)
@@ -142,9 +205,9 @@ def evaluate_run(
     if save_predictions:
         folder = run_dir / f"predictions_{stem[len('eval_'):]}"
         folder.mkdir(exist_ok=True)
-        scale = label_scale(run_rules(cfg)[1])
+        values = stored_values(run_rules(cfg)[1], cfg.data.num_classes, cfg.data.mask_values)
         for pred, vol in zip(predictions, volumes):
-            write_labels(pred, vol, folder / prediction_filename(vol), scale)
+            write_labels(pred, vol, folder / prediction_filename(vol), values)
         summary["predictions"] = str(folder)
     header = (
         f"# {run_dir.name}: {split} split, {len(volumes)} cases of {summary['data']}, checkpoint '{checkpoint}' "

@@ -52,7 +52,11 @@ def predict_volume(
 def predict_probabilities(
     model: nn.Module, image: np.ndarray, size: int, batch_size: int, device: torch.device, amp: bool = False
 ) -> np.ndarray:
-    """``image`` D x C x H x W -> class probabilities D x K x H x W (float32); argmax = ``predict_volume``."""
+    """``image`` D x C x H x W -> class probabilities D x K x H x W (float32); argmax = ``predict_volume``.
+
+    The whole case's probabilities at once (K floats per voxel): only where they are the output
+    (``predict --probabilities``); labels alone come from ``predict_volume``, chunk by chunk.
+    """
     return torch.cat([probs.cpu() for probs in _probabilities(model, image, size, batch_size, device, amp)]).numpy()
 
 

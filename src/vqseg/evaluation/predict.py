@@ -1,11 +1,12 @@
 """``vqseg predict RUN_DIR INPUT... -o OUT_DIR``: label new images and volumes with a trained run.
 
 Everything comes from the run folder (config.yaml: image size, channels, classes, intensity rule,
-mask encoding; the checkpoint), so a copied run folder predicts without the training data. Cases
-are read like training data (``data/casefiles.py``) and predicted by the same slice-wise inference
-as ``evaluate``; each result is written under the input's name in the input's geometry (NIfTI:
-shape, affine and header; 2D: a PNG at the input's size, masks in the training masks' encoding).
-A failing case prints one error line naming its file, writes nothing, and the others go on.
+mask encoding, slicing axis; the checkpoint), so a copied run folder predicts without the training
+data. Cases are read like training data (``data/casefiles.py``) and predicted by the same
+slice-wise inference as ``evaluate``; each result is written under the input's name in the input's
+geometry (NIfTI: shape, affine and header, as a label map; 2D: a PNG at the input's size, masks in
+the training masks' encoding). A failing case prints one error line naming its file, writes
+nothing, and the others go on.
 """
 
 from __future__ import annotations
@@ -20,25 +21,28 @@ import torch
 from vqseg.config import Config
 from vqseg.data.casefiles import (
     Case,
-    label_scale,
+    is_nifti,
     prediction_filename,
     read_case,
+    read_file,
     stem_of,
+    stored_values,
     suffix_of,
     write_labels,
     write_overlay,
     write_probabilities,
 )
-from vqseg.data.nnunet import CHANNEL_FILE, group_channel_files
+from vqseg.data.nnunet import CHANNEL_FILE
 from vqseg.data.volumes import DataError
 from vqseg.engine.trainer import select_device
 from vqseg.evaluation.evaluate import load_run, run_rules
-from vqseg.evaluation.inference import predict_probabilities
+from vqseg.evaluation.inference import predict_probabilities, predict_volume
+from vqseg.models.pretrained import set_cache_writes
 from vqseg.progress import progress_bar
 
 
-def collect_cases(inputs: list[Path]) -> list[Case]:
-    """Files and folders -> cases; nnU-Net channel files (``CASE_0000``, ``CASE_0001``...) form one case."""
+def _input_files(inputs: list[Path]) -> list[Path]:
+    """Every image or volume file named or inside a named folder (not recursive, hidden files left out)."""
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
@@ -49,18 +53,51 @@ def collect_cases(inputs: list[Path]) -> list[Case]:
             raise DataError(f"{path}: input does not exist")
     if not files:
         raise DataError(f"no images or volumes found in {', '.join(map(str, inputs))}")
-    present = set(files)
-    channel_files: dict[tuple[Path, str], list[Path]] = {}
-    cases: list[Case] = []
+    return files
+
+
+def _file_channels(path: Path) -> int:
+    """Channels one file holds: a NIfTI volume one, a picture its own (grey 1, colour 3)."""
+    if is_nifti(path):
+        return 1
+    try:
+        return read_file(path).array.shape[1]
+    except DataError:
+        return 1  # its case reports the file when it is read
+
+
+def _holds_channels(files: list[Path], channels: int) -> bool:
+    """Whether ``files`` together hold ``channels``; every file holds at least one, so a longer list
+    (a folder of video frames) is decided without reading a file."""
+    return len(files) <= channels and sum(_file_channels(f) for f in files) == channels
+
+
+def collect_cases(inputs: list[Path], channels: int) -> list[Case]:
+    """Files and folders -> cases for a run trained on ``channels`` channels, in input order.
+
+    ``NAME_0000``, ``NAME_0001``... of one folder (nnU-Net's ``imagesTs/``) are one case ``NAME``
+    only when they number from ``_0000`` without a gap and together hold the run's channels.
+    Otherwise each is a case of its own named by its full stem: frames of a video
+    (``frame_0000.png``...) are predicted one by one, and channel files that do not fit the run fail
+    one by one, each naming its file and its channel count.
+    """
+    files = _input_files(inputs)
+    groups: dict[tuple[Path, str, str], dict[int, Path]] = {}
     for path in files:
         match = CHANNEL_FILE.match(stem_of(path))
-        suffix = suffix_of(path) or ""
-        if match and path.with_name(f"{match.group(1)}_0000{suffix}") in present:
-            channel_files.setdefault((path.parent, suffix), []).append(path)
-        else:
+        if match:
+            groups.setdefault((path.parent, match.group(1), suffix_of(path) or ""), {})[int(match.group(2))] = path
+    grouped: dict[Path, tuple[str, list[Path]]] = {}
+    for (_, name, _), found in groups.items():
+        ordered = [found[i] for i in sorted(found)]
+        if sorted(found) == list(range(len(found))) and _holds_channels(ordered, channels):
+            grouped.update((path, (name, ordered)) for path in ordered)
+    cases: list[Case] = []
+    for path in files:
+        if path not in grouped:
             cases.append(Case(stem_of(path), [path]))
-    for (folder, suffix), group in channel_files.items():
-        cases.extend(Case(name, paths) for name, paths in group_channel_files(group, suffix, folder).items())
+        elif path == grouped[path][1][0]:
+            cases.append(Case(*grouped[path]))
     return cases
 
 
@@ -78,18 +115,20 @@ class _Run:
 def _predict_case(case: Case, run: _Run, out_dir: Path, written: set[Path], overlay: bool, probabilities: bool) -> str:
     """Read, predict and write one case; returns its summary line. Every check comes before any write."""
     cfg = run.cfg
-    volume = read_case(case, run.intensity, run.encoding, cfg.data.num_classes, with_label=False)
+    volume = read_case(
+        case, run.intensity, run.encoding, cfg.data.num_classes, with_label=False, axis=cfg.data.slice_axis
+    )
     channels = volume.image.shape[1]
     if channels != cfg.data.in_channels:
         raise DataError(f"{case.images[0]}: {channels} channel(s) but the run was trained on {cfg.data.in_channels}")
     target = out_dir / prediction_filename(volume)
     if target.resolve() in {p.resolve() for p in case.images} or target in written:
         raise DataError(f"{case.images[0]}: its output {target} would overwrite an input or another output")
-    probs = predict_probabilities(
-        run.predictor, volume.image, cfg.train.image_size, cfg.eval.batch_size, run.device, cfg.train.amp
-    )
-    labels = probs.argmax(axis=1).astype(np.uint8)
-    write_labels(labels, volume, target, label_scale(run.encoding))
+    # Full-volume probabilities (K float32 per voxel) only when asked for; else the chunked argmax of evaluate.
+    inference = (run.predictor, volume.image, cfg.train.image_size, cfg.eval.batch_size, run.device, cfg.train.amp)
+    probs = predict_probabilities(*inference) if probabilities else None
+    labels = probs.argmax(axis=1).astype(np.uint8) if probs is not None else predict_volume(*inference)
+    write_labels(labels, volume, target, stored_values(run.encoding, cfg.data.num_classes, cfg.data.mask_values))
     written.add(target)
     extras = []
     if overlay and volume.image.shape[0] == 1:
@@ -97,7 +136,7 @@ def _predict_case(case: Case, run: _Run, out_dir: Path, written: set[Path], over
         extras.append("overlay")
     elif overlay:
         extras.append("no overlay: --overlay is for 2D images")
-    if probabilities:
+    if probs is not None:
         write_probabilities(probs, volume, out_dir / f"{volume.name}_probabilities.npz", cfg.data.class_names)
         extras.append("probabilities")
     counts = np.bincount(labels.ravel(), minlength=cfg.data.num_classes)[1:]
@@ -119,9 +158,10 @@ def predict_paths(
 ) -> tuple[int, int]:
     """Predict every case; returns (written, failed). Per-case errors are printed, not raised."""
     cfg, predictor, _ = load_run(Path(run_dir), checkpoint)
+    set_cache_writes(predictor, False)  # new images are read once: they would only fill the feature cache
     dev = select_device(device)
     run = _Run(cfg, predictor.to(dev).eval(), dev, *run_rules(cfg))
-    cases = collect_cases(inputs)
+    cases = collect_cases(inputs, cfg.data.in_channels)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: set[Path] = set()
     failed = 0
