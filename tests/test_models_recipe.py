@@ -142,15 +142,26 @@ def test_unet_dropout_rates_by_level() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def dpt_reference(f: Functional, features: list[Tensor]) -> Tensor:
-    """UniMatch V2's DPT with this package's departures (module docstring of ``dpt``)."""
+def dpt_reference(f: Functional, features: list[Tensor], strides: tuple[int, ...] = (4, 8, 16, 32)) -> Tensor:
+    """UniMatch V2's DPT with this package's departures (module docstring of ``dpt``). Other
+    ``strides``: the path runs at the finest stride met so far, each skip resized to it."""
     stem, *levels = features
     h, w = stem.shape[-2:]
-    sizes = [(max(1, math.ceil(h / s)), max(1, math.ceil(w / s))) for s in (4, 8, 16, 32)]
+
+    def scaled(s: int) -> tuple[int, int]:
+        return max(1, math.ceil(h / s)), max(1, math.ceil(w / s))
+
+    sizes = [scaled(s) for s in strides]
+    if tuple(strides) != (4, 8, 16, 32):  # the finest level's grid is where the whole path runs
+        finest = scaled(min(strides))
+        rn_sizes, sizes = sizes, [finest] * 4
+    else:
+        rn_sizes = sizes
     rn = []
     for i, level in enumerate(levels):
-        projected = F.interpolate(f.conv(f"projects.{i}", level), size=sizes[i], mode="bilinear", align_corners=False)
-        rn.append(f.conv(f"layers_rn.{i}", projected, padding=1, bias=False))
+        projected = F.interpolate(f.conv(f"projects.{i}", level), size=rn_sizes[i], mode="bilinear", align_corners=False)
+        rn.append(F.interpolate(f.conv(f"layers_rn.{i}", projected, padding=1, bias=False), size=sizes[i],
+                                mode="bilinear", align_corners=False))
 
     def rcu(prefix: str, x: Tensor) -> Tensor:
         return x + f.conv(f"{prefix}.conv2", F.relu(f.conv(f"{prefix}.conv1", F.relu(x), padding=1)), padding=1)
@@ -173,12 +184,17 @@ def dpt_reference(f: Functional, features: list[Tensor]) -> Tensor:
     return f.conv("head", torch.cat([fused, stem], 1))
 
 
-@pytest.mark.parametrize("size,grids", [((30, 35), [8, 4, 2, 2]), ((32, 32), [2, 2, 2, 2])])
-def test_dpt_head_is_the_recipe(size: tuple[int, int], grids: list[int]) -> None:
+@pytest.mark.parametrize(
+    "size,grids,strides",
+    [((30, 35), [8, 4, 2, 2], (4, 8, 16, 32)), ((32, 32), [2, 2, 2, 2], (4, 8, 16, 32)),
+     ((32, 32), [8, 4, 2, 8], (4, 8, 16, 4))],
+)
+def test_dpt_head_is_the_recipe(size: tuple[int, int], grids: list[int], strides: tuple[int, ...]) -> None:
     """Project, reassemble at strides 4/8/16/32 (ceil), fuse from the deepest up, fuse with the
-    half-resolution stem, 1x1 classifier over [fused, stem] at the input size."""
+    half-resolution stem, 1x1 classifier over [fused, stem] at the input size. With the neck read
+    at stride 4 (``model.dpt_strides``: 4, 8, 16, 4), the whole fusion path runs at stride 4."""
     torch.manual_seed(0)
-    head = DPTDecoder([3, 5, 6, 7, 8], num_classes=4, features=8)
+    head = DPTDecoder([3, 5, 6, 7, 8], num_classes=4, features=8, strides=strides)
     randomise_norms(head)
     with torch.no_grad():  # non-zero biases everywhere (the defaults are small)
         for name, p in head.named_parameters():
@@ -191,7 +207,7 @@ def test_dpt_head_is_the_recipe(size: tuple[int, int], grids: list[int]) -> None
     with torch.no_grad():
         got = head(features)
     assert got.shape == (2, 4, *size)
-    expected = dpt_reference(Functional(head, False), features)
+    expected = dpt_reference(Functional(head, False), features, strides)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     # UniMatch V2's widths (out_channels scaled by features): 1/2, 1, 2, 2
     assert [p.out_channels for p in head.projects] == [4, 8, 16, 16]
@@ -228,12 +244,13 @@ def per_image_minmax(x: Tensor) -> Tensor:
 @pytest.mark.parametrize("side,antialias", [((48, 40), True), ((16, 16), False)])
 def test_litemedsam_pyramid_input_and_levels(monkeypatch: pytest.MonkeyPatch, side, antialias: bool) -> None:
     """TinyViT sees the image resized to its input (antialiased when shrinking), replicated to
-    three channels and min-max normalised per image; the pyramid is stage maps 1-3 and the neck
-    (not the raw last stage), average-pooled to 1/4, 1/8, 1/16 and 1/16 of the input."""
+    three channels and min-max normalised per image; the cache keeps stage maps 1-3 and the neck
+    (not the raw last stage) at 1/4, 1/8, 1/4 and 1/4 of the input, and the model reads them
+    average-pooled to 1/4, 1/8, 1/16 and 1/16 (``model.level_strides``)."""
     backbone = TinyViTPyramid(32, None)
     seen = []
     gen = torch.Generator().manual_seed(5)
-    maps = [torch.randn(2, c, s, s, generator=gen) for c, s in [(16, 16), (32, 8), (40, 8), (320, 4), (256, 4)]]
+    maps = [torch.randn(2, c, s, s, generator=gen) for c, s in [(16, 32), (32, 16), (40, 8), (320, 8), (256, 8)]]
 
     def spy(net, x):
         seen.append((net, x))
@@ -245,9 +262,15 @@ def test_litemedsam_pyramid_input_and_levels(monkeypatch: pytest.MonkeyPatch, si
     ((net, x),) = seen
     assert net is backbone.net
     torch.testing.assert_close(x, per_image_minmax(resized(images, 32, antialias)), atol=1e-5, rtol=0)
-    expected = [F.avg_pool2d(maps[0], 2), F.avg_pool2d(maps[1], 2), F.avg_pool2d(maps[2], 4), F.avg_pool2d(maps[4], 2)]
+    cached = [F.avg_pool2d(maps[0], 4), F.avg_pool2d(maps[1], 4), maps[2], maps[4]]
     assert len(levels) == 4
-    for got, want in zip(levels, expected):
+    for got, want in zip(levels, cached):
+        torch.testing.assert_close(got, want)
+    read = backbone.select(levels)
+    for got, want in zip(read, [cached[0], cached[1], F.avg_pool2d(maps[2], 4), F.avg_pool2d(maps[4], 4)]):
+        torch.testing.assert_close(got, want)
+    native = TinyViTPyramid(32, None, strides=[4, 8, 4, 4]).select(levels)
+    for got, want in zip(native, cached):
         torch.testing.assert_close(got, want)
 
 
@@ -306,10 +329,13 @@ def test_backbone_identity_names_everything_the_features_depend_on(tmp_path: Pat
               PyramidBackbone(32, [4, 8], [8, 4], c, "stages=1,2"), PyramidBackbone(32, [4, 8], [8, 4], None, "stages=1,2"),
               PyramidBackbone(32, [4, 8], [8, 4], a, "stages=2,3")]
     tiny_vit = TinyViTPyramid(32, None)
-    identities = [p.identity() for p in [base, *others, tiny_vit, DINOv2Pyramid(28, None)]]
+    bf16 = TinyViTPyramid(32, None, precision="bf16")
+    identities = [p.identity() for p in [base, *others, tiny_vit, bf16, DINOv2Pyramid(28, None)]]
     assert len(set(identities)) == len(identities)
-    assert all(f"|{foundation.PRECISION}|" in identity for identity in identities)
-    assert "avgpool=[8, 4, 2, 2]" in tiny_vit.identity() and "minmax" in tiny_vit.identity()
+    assert all(("|bf16|" if p is bf16 else "|fp32|") in p.identity() for p in [base, *others, tiny_vit, bf16])
+    assert "avgpool-strides=[4, 8, 4, 4]" in tiny_vit.identity() and "minmax" in tiny_vit.identity()
+    # the strides the model reads are taken from one cache: they do not change its key
+    assert TinyViTPyramid(32, None, strides=[4, 8, 4, 4]).identity() == tiny_vit.identity()
     assert "blocks=[0, 1, 2, 3]|final-norm" in DINOv2Pyramid(28, None).identity()
     assert PyramidBackbone(32, [4, 8], [8, 4], b, "stages=1,2").identity() == base.identity()  # same content
     before = base.identity()
@@ -336,7 +362,7 @@ def test_frozen_encoder_encodes_plain_images_in_eval_mode_through_float16(name: 
     levels = model.encode(images)
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in state.items())
     with torch.no_grad():
-        expected = backbone.eval()(images)
+        expected = backbone.eval().levels(images)
     assert len(levels) == 5 and levels[0].shape == (3, 4, 32, 32)
     for got, want in zip(levels[1:], expected):
         assert got.dtype == torch.float32 and torch.equal(got.half().float(), got)  # stored in float16
@@ -382,8 +408,9 @@ def test_bank_rows_are_labelled_then_unlabelled_slices(uses_unlabeled: bool) -> 
     backbone = encoders[0].backbone
     slices = [data.labeled.images, *([data.unlabeled.images] if uses_unlabeled else [])]
     images = torch.cat([torch.as_tensor(s) for s in slices])
-    with torch.no_grad():
-        expected = backbone(images)
+    with torch.no_grad():  # the cache keeps float16 maps of one slice at a time; the model reads them pooled
+        kept = [torch.cat(maps) for maps in zip(*(backbone(image[None]) for image in images))]
+        expected = backbone.select([level.half() for level in kept])
     assert len(bank) == 4
     for rows, want in zip(bank, expected):
         assert rows.dtype == torch.float16 and rows.shape == (len(images), *want.shape[2:], want.shape[1])
@@ -540,10 +567,10 @@ def test_cached_slice_features_mixed_hits_keep_the_order(cache_dir: Path) -> Non
 
     images = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     first = cached_slice_features(encode, "enc", "name", images[[1, 3]])
-    assert calls == [2]
+    assert calls == [1, 1]  # one slice at a time by default
     memo = FeatureMemo()
     levels = cached_slice_features(encode, "enc", "name", images, memo=memo, batch_size=2)
-    assert calls == [2, 2, 1]  # slices 0, 2, 4 only
+    assert calls == [1, 1, 2, 1]  # slices 0, 2, 4 only
     expected = encode(images)
     for got, want in zip(levels, expected):
         assert got.dtype == torch.float16

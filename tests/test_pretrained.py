@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,43 @@ def test_config_refuses_bad_encoder_settings() -> None:
     assert pretrained_config("dinov2").model.encoder_input == 28  # resolved: 32 down to a multiple of 14
     assert is_frozen(pretrained_config().model) and not is_frozen(pretrained_config(mode="finetune").model)
     assert not is_frozen(tiny_config().model)
+    for key, value, fragment in [
+        ("model.encoder_precision", "fp16", "model.encoder_precision"),
+        ("model.level_strides", [4, 8, 16], "give 4 strides"),
+        ("model.level_strides", [4, 8, 6, 16], "multiple of [4, 8, 4, 4]"),
+        ("model.level_strides", [2, 8, 16, 16], "multiple of [4, 8, 4, 4]"),
+        ("model.dpt_strides", [4, 8, 16, 0], "model.dpt_strides"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            pretrained_config("litemedsam", **{key: value})
+    with pytest.raises(ConfigError, match="14-pixel patch grid"):
+        pretrained_config("dinov2", **{"model.level_strides": [4, 8, 4, 4]})
+
+
+@pytest.mark.parametrize("name", ["litemedsam", "dinov2"])
+def test_bf16_encoder_computes_in_bfloat16_and_keys_its_own_cache(name: str, monkeypatch) -> None:
+    """``model.encoder_precision=bf16`` runs the backbone under bfloat16 autocast (its features
+    close to float32's, not equal) and records the precision in the cache key and checkpoint guard."""
+    fp32 = build_model(pretrained_config(name).model, 1, 4).encoder.backbone
+    bf16 = build_model(pretrained_config(name, **{"model.encoder_precision": "bf16"}).model, 1, 4).encoder.backbone
+    assert fp32.identity() != bf16.identity() and "|bf16|" in bf16.identity()
+    images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact, low = fp32(images), bf16(images)
+    for a, b in zip(exact, low):
+        assert b.dtype == torch.float32 and not torch.equal(a, b)
+        assert (a - b).norm() / a.norm() < 0.1
+
+
+def test_level_strides_pool_the_cached_maps_and_dpt_strides_keep_the_neck_fine() -> None:
+    """``model.level_strides`` 4, 8, 16, 4 keeps LiteMedSAM's neck at a quarter of the input (the
+    cache's own grid) and ``model.dpt_strides`` 4, 8, 16, 4 reads it there."""
+    cfg = pretrained_config("litemedsam", **{"model.level_strides": [4, 8, 16, 4], "model.dpt_strides": [4, 8, 16, 4]})
+    model = build_model(cfg.model, 1, 4)
+    levels = model.encode(torch.rand(2, 1, 32, 32))
+    assert [tuple(level.shape[-2:]) for level in levels] == [(32, 32), (8, 8), (4, 4), (2, 2), (8, 8)]
+    assert model.decoder.path_strides == (4, 4, 4, 4)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 4, 32, 32)
 
 
 def check_stays_frozen(model) -> None:

@@ -93,6 +93,9 @@ class ModelConfig:
     encoder_input: int = 0  # the encoder's input side; 0: train.image_size (DINOv2: its multiple of 14)
     decoder_features: int = 64  # DPT head width
     stem_channels: int = 16  # image stem width (one 3x3 conv at full resolution, fused at half)
+    encoder_precision: str = "fp32"  # fp32 | bf16: what a pretrained encoder computes in (cached features too)
+    level_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 16])  # LiteMedSAM's pyramid, of the input
+    dpt_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # where the DPT head reads each level
     tiny: bool = False  # tests only: a narrow, shallow encoder with fixed random weights
 
     def __post_init__(self) -> None:
@@ -101,6 +104,16 @@ class ModelConfig:
 
         _check_choice("model.name", self.name, available_models())
         _check_choice("model.encoder_mode", self.encoder_mode, ENCODER_MODES)
+        _check_choice("model.encoder_precision", self.encoder_precision, ("fp32", "bf16"))
+        for key, cached in (("level_strides", (4, 8, 4, 4)), ("dpt_strides", (1, 1, 1, 1))):
+            strides = getattr(self, key)
+            if len(strides) != 4 or any(s < c or s % c for s, c in zip(strides, cached)):
+                raise ConfigError(
+                    f"model.{key}={strides}: give 4 strides, each a multiple of {list(cached)}"
+                    + (" (the strides the feature cache keeps)" if key == "level_strides" else "")
+                )
+        if self.name == "dinov2" and self.level_strides != [4, 8, 16, 16]:
+            raise ConfigError("model.level_strides is LiteMedSAM's; DINOv2's levels all lie on its 14-pixel patch grid")
         check_range("model.encoder_input", self.encoder_input, 0)
         check_range("model.decoder_features", self.decoder_features, 2)
         check_range("model.stem_channels", self.stem_channels, 1)

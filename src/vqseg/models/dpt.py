@@ -72,13 +72,22 @@ def _scaled(size: tuple[int, int], stride: int) -> tuple[int, int]:
 
 
 class DPTDecoder(nn.Module):
-    """[stem, level 1, ..., level 4] -> logits at the stem's (= the input's) size."""
+    """[stem, level 1, ..., level 4] -> logits at the stem's (= the input's) size.
 
-    def __init__(self, channels: list[int], num_classes: int, features: int = 64) -> None:
+    ``strides``: where each level is reassembled (of the input; DPT's 4, 8, 16, 32 by default). The
+    fusion path runs from level 4 to level 1 at the finest stride met so far, so a fine deep level
+    (LiteMedSAM's neck kept at stride 4) is never pooled on the way.
+    """
+
+    def __init__(self, channels: list[int], num_classes: int, features: int = 64,
+                 strides: list[int] | tuple[int, ...] = DPT_STRIDES) -> None:
         super().__init__()
         stem_channels, *levels = channels
-        if len(levels) != len(DPT_STRIDES):
-            raise ValueError(f"the DPT head takes {len(DPT_STRIDES)} pyramid levels, got {len(levels)}")
+        if len(levels) != len(DPT_STRIDES) or len(strides) != len(DPT_STRIDES):
+            raise ValueError(f"the DPT head takes {len(DPT_STRIDES)} pyramid levels and strides, got {len(levels)}")
+        self.strides = tuple(strides)
+        # fusion i runs at the finest stride among levels i.. (the default: DPT's own sizes)
+        self.path_strides = tuple(min(self.strides[i:]) for i in range(len(self.strides)))
         widths = [features // 2, features, features * 2, features * 2]  # UniMatch V2's out_channels, scaled
         self.projects = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(levels, widths))
         self.layers_rn = nn.ModuleList(nn.Conv2d(w, features, 3, padding=1, bias=False) for w in widths)
@@ -92,14 +101,16 @@ class DPTDecoder(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         stem, *levels = features
         size = tuple(stem.shape[-2:])
-        sizes = [_scaled(size, stride) for stride in DPT_STRIDES]
+        sizes = [_scaled(size, stride) for stride in self.strides]
+        paths = [_scaled(size, stride) for stride in self.path_strides]
         rn = [
             layer_rn(F.interpolate(project(x), size=s, mode="bilinear", align_corners=False))
             for x, project, layer_rn, s in zip(levels, self.projects, self.layers_rn, sizes)
         ]
-        path = self.fusions[-1](rn[-1], None, sizes[-2])
+        path = self.fusions[-1](rn[-1], None, paths[-2])
         for i in range(len(rn) - 2, -1, -1):
-            path = self.fusions[i](path, rn[i], sizes[i - 1] if i > 0 else sizes[0])
+            path = self.fusions[i](path, F.interpolate(rn[i], size=paths[i], mode="bilinear", align_corners=False)
+                                   if sizes[i] != paths[i] else rn[i], paths[i - 1] if i > 0 else paths[0])
         stem_half = self.stem_down(stem)
         coarse = F.interpolate(self.output_conv(path), size=stem_half.shape[-2:], mode="bilinear", align_corners=False)
         fused = self.fuse(torch.cat([coarse, stem_half], dim=1))

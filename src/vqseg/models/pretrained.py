@@ -16,10 +16,11 @@ Pyramids (``timm`` ``features_only`` style, shallowest first):
 
 - ``litemedsam``: TinyViT's stage maps 1-3 (64, 128, 160 channels; native strides 1, 2 and 4)
   and the neck's 256-channel embedding that SAM's decoder reads (in place of the last stage's raw
-  320 channels), average-pooled to strides 4, 8, 16 and 16 of the encoder input. The DPT head
-  reads them at strides 4-32 anyway; pooling bounds the cache (about 1 MB per 256 px slice in
-  float16 instead of 16 MB) and puts VQ-Seg's codebook on a 16 x 16 map, like the paper's
-  DINOv2 patch grid, instead of a 64 x 64 one that a 16k codebook cannot search on a CPU.
+  320 channels). The cache keeps them at strides 4, 8, 4 and 4 of the encoder input (stages 1-2
+  average-pooled, stage 3 and the neck native: about 4 MB per 256 px slice in float16 instead of
+  16 MB fully native), and the model average-pools them further to ``model.level_strides``
+  (default 4, 8, 16, 16: the DPT head reads them at strides 4-32, and VQ-Seg's codebook sits on a
+  16 x 16 map like the paper's DINOv2 patch grid); one cache serves every choice of strides.
 - ``dinov2``: blocks 2, 5, 8 and 11 (384 channels each, final norm) on the 14-pixel patch grid,
   as UniMatch V2's DPT takes them.
 
@@ -79,70 +80,112 @@ class PyramidBackbone(nn.Module):
     name = "pyramid"
 
     def __init__(self, input_size: int, out_channels: list[int], sides: list[int], weights: Path | None,
-                 recipe: str) -> None:
+                 recipe: str, precision: str = "fp32", cache_sides: list[int] | None = None) -> None:
         super().__init__()
         self.input_size = input_size
         self.out_channels = out_channels
-        self.sides = sides
+        self.sides = sides  # what the model reads
+        self.cache_sides = cache_sides or sides  # what forward returns and the cache keeps
         self.weights = weights
         self.recipe = recipe
+        self.precision = precision
 
     def identity(self) -> str:
-        """What the features depend on (cache key and checkpoint guard): model, recipe, input
-        size, widths, precision and the weights file's content."""
+        """What the cached features depend on (cache key and checkpoint guard): model, recipe,
+        input size, widths, precision and the weights file's content."""
         return (f"{self.name}|{self.recipe}|input={self.input_size}|channels={self.out_channels}|"
-                f"{foundation.PRECISION}|{foundation.weights_fingerprint(self.weights)}")
+                f"{self.precision}|{foundation.weights_fingerprint(self.weights)}")
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The encoder's compute precision (``model.encoder_precision``): bfloat16 runs LiteMedSAM
+        about twice as fast on a CPU (benchmarks/logs/encoder_precision_cpu.log)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def select(self, levels: list[Tensor]) -> list[Tensor]:
+        """The maps the model reads from the maps the cache keeps (average-pooled to ``sides``)."""
+        return [level if level.shape[-1] == side else F.adaptive_avg_pool2d(level.float(), side)
+                for level, side in zip(levels, self.sides)]
+
+    def levels(self, images: Tensor) -> list[Tensor]:
+        """The model's pyramid of ``images``, computed (fine-tuning, or no cache wanted)."""
+        return self.select(self(images))
 
     def legacy_identity(self) -> str:
-        """The identity checkpoints recorded before content hashing: the weights file's name and size."""
+        """The identity checkpoints recorded before content hashing: the weights file's name and size
+        (they were all trained on float32 features pooled to strides 4, 8, 16, 16 for LiteMedSAM)."""
         source = "random-tiny" if self.weights is None else f"{self.weights.name}|{self.weights.stat().st_size}"
-        return f"{self.name}|{LEGACY_PYRAMID}|{self.input_size}|{self.out_channels}|{source}"
+        settings = "" if self.precision == "fp32" and self.legacy_layout() else f"|{self.recipe}|{self.precision}"
+        return f"{self.name}|{LEGACY_PYRAMID}|{self.input_size}|{self.out_channels}|{source}{settings}"
+
+    def legacy_layout(self) -> bool:
+        return True
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
-        return [(c, side, side) for c, side in zip(self.out_channels, self.sides)]
+        return [(c, side, side) for c, side in zip(self.out_channels, self.cache_sides)]
 
     def cached(self, images: Tensor, memo: foundation.FeatureMemo | None = None, write: bool = True,
                progress: bool = False) -> list[Tensor]:
-        """The pyramid of plain images through the on-disk cache (float16, CPU); see
+        """The model's pyramid of plain images through the on-disk cache (float16, CPU); see
         ``foundation.cached_slice_features`` for ``memo`` and ``write``."""
-        return foundation.cached_slice_features(self, self.identity(), self.name, images, shapes=self.level_shapes(),
-                                                memo=memo, write=write, progress=progress)
+        levels = foundation.cached_slice_features(self, self.identity(), self.name, images,
+                                                  shapes=self.level_shapes(), memo=memo, write=write, progress=progress)
+        return [level.to(torch.float16) for level in self.select(levels)]
+
+
+# Strides (of the encoder input) at which the cache keeps LiteMedSAM's stages 1-3 and neck (native:
+# 1, 2, 4, 4); ``model.level_strides`` must be multiples of them.
+TINYVIT_CACHE_STRIDES = (4, 8, 4, 4)
+DEFAULT_LEVEL_STRIDES = [4, 8, 16, 16]
+
+
+def _sides(input_size: int, strides: list[int] | tuple[int, ...]) -> list[int]:
+    return [max(input_size // s, 1) for s in strides]
 
 
 class TinyViTPyramid(PyramidBackbone):
     name = "litemedsam"
 
-    def __init__(self, input_size: int, weights: Path | None) -> None:
-        side = input_size // 4
-        sides = [side, max(side // 2, 1), max(side // 4, 1), max(side // 4, 1)]
-        super().__init__(input_size, [16, 32, 40, 256] if weights is None else [64, 128, 160, 256], sides, weights,
-                         recipe=f"stages=1,2,3,neck|minmax|avgpool={sides}")
+    def __init__(self, input_size: int, weights: Path | None, strides: list[int] | None = None,
+                 precision: str = "fp32") -> None:
+        self.strides = list(strides or DEFAULT_LEVEL_STRIDES)
+        super().__init__(input_size, [16, 32, 40, 256] if weights is None else [64, 128, 160, 256],
+                         _sides(input_size, self.strides), weights,
+                         recipe=f"stages=1,2,3,neck|minmax|avgpool-strides={list(TINYVIT_CACHE_STRIDES)}",
+                         precision=precision, cache_sides=_sides(input_size, TINYVIT_CACHE_STRIDES))
         self.net = foundation.build_tinyvit(input_size, tiny=weights is None)
         if weights is not None:
             foundation.load_litemedsam(self.net, weights)
 
+    def legacy_layout(self) -> bool:
+        return self.strides == DEFAULT_LEVEL_STRIDES
+
     def forward(self, images: Tensor) -> list[Tensor]:
+        """The maps the cache keeps (strides ``TINYVIT_CACHE_STRIDES``), float32."""
         x = foundation.minmax_normalise(foundation.encoder_input(images, self.input_size))
-        first, second, third, _, neck = foundation.tinyvit_stages(self.net, x)
-        return [F.adaptive_avg_pool2d(m, side) for m, side in zip((first, second, third, neck), self.sides)]
+        with self.autocast(x.device):
+            first, second, third, _, neck = foundation.tinyvit_stages(self.net, x)
+        return [F.adaptive_avg_pool2d(m.float(), side)
+                for m, side in zip((first, second, third, neck), self.cache_sides)]
 
 
 class DINOv2Pyramid(PyramidBackbone):
     name = "dinov2"
 
-    def __init__(self, input_size: int, weights: Path | None) -> None:
+    def __init__(self, input_size: int, weights: Path | None, precision: str = "fp32") -> None:
         tiny = {"embed_dim": 32, "depth": 4, "num_heads": 2} if weights is None else {}
         self.blocks = [0, 1, 2, 3] if weights is None else list(DINOV2_BLOCKS)
         width = tiny.get("embed_dim", 384)
         super().__init__(input_size, [width] * 4, [input_size // foundation.DINOv2Encoder.patch_size] * 4, weights,
-                         recipe=f"blocks={self.blocks}|final-norm|imagenet-mean-std")
+                         recipe=f"blocks={self.blocks}|final-norm|imagenet-mean-std", precision=precision)
         self.net = foundation.load_dinov2(weights, **tiny)
         self.register_buffer("mean", torch.tensor(foundation._IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(foundation._IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         x = (foundation.encoder_input(images, self.input_size) - self.mean) / self.std
-        return list(self.net.get_intermediate_layers(x, n=self.blocks, reshape=True, norm=True))
+        with self.autocast(x.device):
+            levels = self.net.get_intermediate_layers(x, n=self.blocks, reshape=True, norm=True)
+        return [level.float() for level in levels]
 
 
 class FrozenFeatures:
@@ -202,7 +245,7 @@ class PretrainedEncoder(nn.Module):
         elif self.frozen:
             levels = [level.to(image.device, torch.float32) for level in self.cached(image)]
         else:
-            levels = self.backbone(image)
+            levels = self.backbone.levels(image)
         return [stem, *(level.contiguous(memory_format=torch.channels_last) for level in levels)]
 
     def _look_up(self, provenance: Tensor) -> list[Tensor]:
@@ -269,12 +312,16 @@ def _build(name: str, cfg: ModelConfig, in_channels: int, num_classes: int) -> S
                     "(timm) or dinov2_vits14 (facebookresearch) weights file; nothing is downloaded"
                 )
             weights = Path(cfg.encoder_weights).expanduser()
-    cls = TinyViTPyramid if name == "litemedsam" else DINOv2Pyramid
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # tiny random stand-ins: every copy (CPS's two networks) is the same encoder
-        backbone = cls(cfg.encoder_input, weights)
+        if name == "litemedsam":
+            backbone = TinyViTPyramid(cfg.encoder_input, weights, cfg.level_strides, cfg.encoder_precision)
+        else:
+            backbone = DINOv2Pyramid(cfg.encoder_input, weights, cfg.encoder_precision)
     encoder = PretrainedEncoder(backbone, in_channels, cfg.stem_channels, cfg.encoder_mode == "frozen")
-    return SegmentationModel(encoder, DPTDecoder(encoder.out_channels, num_classes, cfg.decoder_features))
+    return SegmentationModel(
+        encoder, DPTDecoder(encoder.out_channels, num_classes, cfg.decoder_features, cfg.dpt_strides)
+    )
 
 
 @register_model("litemedsam")

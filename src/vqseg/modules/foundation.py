@@ -436,7 +436,7 @@ def _write_slice(folder: Path, path: Path, payload: dict[str, Any]) -> bool:
 def cached_slice_features(
     encode: Callable[[Tensor], list[Tensor]], identity: str, name: str, images: Tensor, *,
     shapes: Sequence[tuple[int, ...]] | None = None, memo: FeatureMemo | None = None, write: bool = True,
-    root: Path | None = None, batch_size: int = 2, progress: bool = False,
+    root: Path | None = None, batch_size: int = 1, progress: bool = False,
 ) -> list[Tensor]:
     """Per-level N x C x h x w float16 features of N slices, one cache file per slice.
 
@@ -447,8 +447,9 @@ def cached_slice_features(
     level) rejects a file of the wrong shape. ``memo`` keeps features in RAM as well. ``write``
     False reads the cache but adds nothing (predicting new images need not fill it); a read-only
     or full folder is said once and then not written. Folder: ``(root or cache_root())/name-*``.
-    The small default batch is measured: on a CPU, LiteMedSAM's time per image grows beyond
-    batch 2 (its first stage keeps wide maps at full resolution); on a GPU pass a larger one.
+    The default batch of one is measured: on two CPU cores LiteMedSAM's time per slice grows with
+    the batch (its first stage keeps wide maps at full resolution: 1.67 s at batch 1, 1.78 at 2,
+    1.93 at 4, benchmarks/logs/encoder_precision_cpu.log); on a GPU pass a larger one.
     """
     if len(images) == 0:
         raise ValueError("no slices to encode")
