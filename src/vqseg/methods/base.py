@@ -148,16 +148,29 @@ def dice_loss(logits: Tensor, target: Tensor, num_classes: int, ignore: Tensor |
     return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
 
 
-def masked_ce(logits: Tensor, target: Tensor, ignore: Tensor | None = None, normalise: str = "confident") -> Tensor:
+def class_balance_weights(target: Tensor, kept: Tensor, num_classes: int) -> Tensor:
+    """Per-pixel weights 1 / (share of the kept pixels of the pixel's class), scaled to a mean of
+    one over the kept pixels: every class present weighs as much as every other in the loss."""
+    counts = torch.bincount(target[kept], minlength=num_classes).float()
+    present = counts > 0
+    inverse = torch.where(present, counts.sum() / (present.sum() * counts.clamp_min(1)), torch.zeros_like(counts))
+    return inverse[target] * kept
+
+
+def masked_ce(
+    logits: Tensor, target: Tensor, ignore: Tensor | None = None, normalise: str = "confident",
+    weights: Tensor | None = None,
+) -> Tensor:
     """Pixel CE summed over the kept pixels (``ignore`` false), divided by the kept count
     (``confident``) or by every pixel (``valid``, UniMatch V2 / VQ-Seg code: while few pixels pass
-    the threshold the loss stays small, a built-in ramp-up)."""
+    the threshold the loss stays small, a built-in ramp-up); ``weights`` (per pixel, zero where
+    ignored) replace the kept mask, e.g. :func:`class_balance_weights`."""
     if ignore is None:
         return F.cross_entropy(logits.float(), target)
     ce_map = F.cross_entropy(logits.float(), target, reduction="none")
-    kept = (~ignore).float()
+    kept = (~ignore).float() if weights is None else weights
     if normalise == "confident":
-        return (ce_map * kept).sum() / kept.sum().clamp(min=1)
+        return (ce_map * kept).sum() / (~ignore).float().sum().clamp(min=1)
     if normalise == "valid":
         return (ce_map * kept).sum() / kept.numel()
     raise ValueError(f"unknown CE normalisation {normalise!r}; choose confident or valid")
@@ -173,14 +186,17 @@ U_NORMALISATIONS = ("valid", "confident")
 
 
 def unlabeled_loss(
-    logits: Tensor, pseudo: Tensor, num_classes: int, ignore: Tensor, loss: str = "ce", normalise: str = "valid"
+    logits: Tensor, pseudo: Tensor, num_classes: int, ignore: Tensor, loss: str = "ce", normalise: str = "valid",
+    class_balance: bool = False,
 ) -> Tensor:
     """Loss against pseudo-labels with unconfident pixels (``ignore``) masked out.
 
     ``ce``: the masked CE alone (the VQ-Seg paper and its released code); ``ce_dice``: (CE +
     masked Dice) / 2, the labelled loss of the ACDC protocol. ``normalise``: see `masked_ce`.
+    ``class_balance``: each kept pixel's CE weighted by :func:`class_balance_weights`.
     """
-    ce = masked_ce(logits, pseudo, ignore, normalise)
+    weights = class_balance_weights(pseudo, ~ignore, num_classes) if class_balance else None
+    ce = masked_ce(logits, pseudo, ignore, normalise, weights)
     if loss == "ce":
         return ce
     if loss == "ce_dice":
@@ -261,15 +277,54 @@ def labeled_pdcr(
 
 
 def confident_labels(
-    logits: Tensor, threshold: float, align: "DistributionAlignment | None" = None
+    logits: Tensor,
+    threshold: float,
+    align: "DistributionAlignment | None" = None,
+    class_thresholds: "ClassThresholds | None" = None,
 ) -> tuple[Tensor, Tensor]:
-    """Hard pseudo-labels and the mask of pixels to ignore (confidence below ``threshold``),
-    from the probabilities after distribution alignment when ``align`` is given."""
+    """Hard pseudo-labels and the mask of pixels to ignore (confidence below ``threshold``, or
+    below their class's threshold when ``class_thresholds`` is given), from the probabilities after
+    distribution alignment when ``align`` is given."""
     probs = logits.detach().float().softmax(dim=1)
     if align is not None:
         probs = align(probs)
     confidence, labels = probs.max(dim=1)
+    if class_thresholds is not None:
+        return labels, confidence < class_thresholds(confidence, labels)
     return labels, confidence < threshold
+
+
+class ClassThresholds(nn.Module):
+    """Class-wise self-adaptive confidence thresholds (FlexMatch / FreeMatch style; not in VQ-Seg).
+
+    With one threshold, the pixels that pass it are overwhelmingly background: a teacher is more
+    confident there than on a thin structure it is still learning, so the student is taught mostly
+    background and shrinks the structures. Here class c's threshold is
+    ``threshold * conf_c / max_k conf_k``, with conf_c a running mean (momentum ``momentum`` per
+    step) of the teacher's confidence on the pixels it assigns to c: while every class is
+    unconfident the ratios are near one and nothing passes early; once background is learned, a
+    class the teacher is less sure of is kept at a proportionally lower threshold. Buffers, so a
+    resumed run continues with them.
+    """
+
+    def __init__(self, num_classes: int, threshold: float, momentum: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.momentum = momentum
+        self.register_buffer("confidence", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def forward(self, confidence: Tensor, labels: Tensor) -> Tensor:
+        """Per-pixel thresholds for pixels of confidence ``confidence`` and argmax ``labels``;
+        folds this batch's class means into the running ones first."""
+        k = self.confidence.numel()
+        sums = torch.zeros(k, device=confidence.device).index_add_(0, labels.flatten(), confidence.flatten())
+        counts = torch.bincount(labels.flatten(), minlength=k).to(sums)
+        seen = counts > 0
+        batch = torch.where(seen, sums / counts.clamp_min(1), self.confidence)
+        self.confidence.mul_(self.momentum).add_(batch, alpha=1 - self.momentum)
+        per_class = self.threshold * self.confidence / self.confidence.max()
+        return per_class[labels]
 
 
 class DistributionAlignment(nn.Module):

@@ -40,13 +40,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vqseg.config import ConfigError, MethodConfig, check_range, resolve_path
-from vqseg.data.augment import Augmenter
+from vqseg.data.augment import Augmenter, mix
 from vqseg.data.provenance import split_channels
 from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import (
     U_LOSSES,
     U_NORMALISATIONS,
     Batch,
+    ClassThresholds,
     DistributionAlignment,
     Method,
     StepOutput,
@@ -96,6 +97,11 @@ class VQSegConfig(MethodConfig):
     threshold: float = 0.95  # as the released code; 0 keeps every pixel (the paper)
     dist_align: bool = False  # align the teacher's class probabilities to the labelled prior (base.py)
     dist_align_momentum: float = 0.99  # running means over ~1 / (1 - momentum) steps
+    # Against the drift to background on a frozen encoder (README, issue 26; not in the paper):
+    class_thresholds: bool = False  # class-wise self-adaptive thresholds, `threshold` the highest (base.py)
+    class_threshold_momentum: float = 0.99
+    u_class_balance: bool = False  # each pseudo-labelled class weighs alike in the unlabelled CE
+    anchor_labeled: bool = False  # paste a labelled box, with its ground truth, into each strong view
     cutmix: bool = True
     u_loss: str = "ce"  # ce (paper and released code) | ce_dice
     u_normalise: str = "valid"  # CE over all pixels (released code) | confident (over kept pixels)
@@ -137,6 +143,7 @@ class VQSegConfig(MethodConfig):
         for key in ("eps", "threshold", "ema_decay", "u_rampup"):
             check_range(f"method.{key}", getattr(self, key), 0, 1)
         check_range("method.dist_align_momentum", self.dist_align_momentum, 0, 1, high_open=True)
+        check_range("method.class_threshold_momentum", self.class_threshold_momentum, 0, 1, high_open=True)
         for key in ("temperature", "pfa_tau"):
             check_range(f"method.{key}", getattr(self, key), 0, low_open=True)
         for key in ("beta", "code_dim", "foundation_input", "lambda_u", "lambda_rec", "lambda_align", "lambda_vq"):
@@ -166,6 +173,9 @@ class VQSeg(Method):
         )
         self.teacher = make_teacher(self.student)
         self.align = DistributionAlignment(num_classes, p.dist_align_momentum) if p.dist_align else None
+        self.class_thresholds = (
+            ClassThresholds(num_classes, p.threshold, p.class_threshold_momentum) if p.class_thresholds else None
+        )
         self.perturb = None
         if p.perturbation in ("qpm", "shuffle"):
             self.perturb = QPM(p.eps, p.temperature, mode="jump" if p.perturbation == "qpm" else "shuffle")
@@ -220,8 +230,11 @@ class VQSeg(Method):
         if self.align is not None:
             self.align.observe_labels(y_l)
         with torch.no_grad():
-            pseudo, ignore = confident_labels(self.teacher(views.weak), p.threshold, self.align)
+            pseudo, ignore = confident_labels(self.teacher(views.weak), p.threshold, self.align, self.class_thresholds)
         pseudo, ignore = views.mix(pseudo), views.mix(ignore)
+        strong = views.strong
+        if p.anchor_labeled:
+            strong, pseudo, ignore = self._anchor(strong, pseudo, ignore, x_l, y_l)
 
         # Unperturbed student pass: labelled slices, plus the weak unlabelled views when the
         # reconstruction or alignment branches have something to learn from them.
@@ -240,8 +253,9 @@ class VQSeg(Method):
         dropout = p.dropout if p.perturbation == "dropout" else 0.0
         # Frozen statistics: a batch-norm U-Net, unlike the paper's ViT. PDCR on pseudo-labels reads this pass.
         with frozen_running_stats(self.student), self.pdcr_capture(self.cfg.pdcr.unlabeled):
-            perturbed = self.student.run(views.strong, perturb=self.perturb, dropout=dropout)
-        loss_u = unlabeled_loss(perturbed.logits, pseudo, self.num_classes, ignore, p.u_loss, p.u_normalise)
+            perturbed = self.student.run(strong, perturb=self.perturb, dropout=dropout)
+        loss_u = unlabeled_loss(perturbed.logits, pseudo, self.num_classes, ignore, p.u_loss, p.u_normalise,
+                                p.u_class_balance)
         loss_pdcr_u, pdcr_u_logs = self.pseudo_label_pdcr(pseudo, ignore)
         loss_vq = 0.5 * (clean.vq_loss + perturbed.vq_loss)
 
@@ -276,6 +290,19 @@ class VQSeg(Method):
             if self.perturb is not None:
                 logs.update(self.student.jump_stats(perturbed))
         return StepOutput(loss, logs)
+
+    def _anchor(
+        self, strong: Tensor, pseudo: Tensor, ignore: Tensor, x_l: Tensor, y_l: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Paste a CutMix box of a labelled view (its own intensity draw) into each strong view, with
+        the labelled ground truth as target inside it: every unlabelled step then also sees true
+        structure sizes, as BCP's copy-paste does (whose pseudo-labels kept the structures' true
+        areas where VQ-Seg's shrank, README)."""
+        n = strong.shape[0]
+        box = self.augment.cutmix_mask(n, tuple(strong.shape[-2:]), strong.device)
+        partner = torch.randint(x_l.shape[0], (n,), device=strong.device)
+        pasted = self.augment.intensity(x_l)[partner]
+        return mix(box, pasted, strong), mix(box, y_l[partner], pseudo), ignore & ~box
 
     def after_step(self, step: int) -> None:
         ema_update(self.teacher, self.student, self.params.ema_decay, step)
