@@ -72,7 +72,7 @@ def test_class_balance_weights_give_every_present_class_the_same_total():
 SETTINGS = {"method.threshold": 0.6}
 
 
-def test_class_thresholds_set_the_pseudo_labels(recipe_data, monkeypatch, tmp_path):
+def test_class_thresholds_set_the_pseudo_labels(recipe_data, monkeypatch, tmp_path):  # noqa: F811
     method, rec, b, out = step(recipe_data, monkeypatch, tmp_path, **{
         **SETTINGS, "method.class_thresholds": True, "method.class_threshold_momentum": MOMENTUM})
     (_, teacher_out), views = rec.teacher[0], rec.views[0]
@@ -89,7 +89,7 @@ def test_class_thresholds_set_the_pseudo_labels(recipe_data, monkeypatch, tmp_pa
     torch.testing.assert_close(method.class_thresholds.confidence, conf)
 
 
-def test_class_balance_weighs_the_unlabelled_ce(recipe_data, monkeypatch, tmp_path):
+def test_class_balance_weighs_the_unlabelled_ce(recipe_data, monkeypatch, tmp_path):  # noqa: F811
     _, rec, _, out = step(recipe_data, monkeypatch, tmp_path, **{**SETTINGS, "method.u_class_balance": True})
     (_, teacher_out), views = rec.teacher[0], rec.views[0]
     confidence, labels = teacher_out.float().softmax(dim=1).max(dim=1)
@@ -102,7 +102,7 @@ def test_class_balance_weighs_the_unlabelled_ce(recipe_data, monkeypatch, tmp_pa
     torch.testing.assert_close(out.logs["loss_u"], expected)
 
 
-def test_labelled_anchor_pastes_ground_truth_into_the_strong_view(recipe_data, monkeypatch, tmp_path):
+def test_labelled_anchor_pastes_ground_truth_into_the_strong_view(recipe_data, monkeypatch, tmp_path):  # noqa: F811,E501
     boxes, intensities = [], []
 
     def spy(method):
