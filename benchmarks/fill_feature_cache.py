@@ -21,7 +21,7 @@ import torch
 
 from vqseg.config import load_config
 from vqseg.data import load_split, load_training_data, resolve_data_config
-from vqseg.evaluation.inference import model_inputs
+from vqseg.inference import model_inputs
 from vqseg.models import build_model
 from vqseg.modules import foundation
 

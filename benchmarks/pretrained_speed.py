@@ -57,7 +57,7 @@ def prediction_cost(overrides: list[str], volume_index: int) -> tuple[float, int
     from vqseg.config import load_config
     from vqseg.data import load_split
     from vqseg.engine.trainer import build_run_method
-    from vqseg.evaluation.inference import predict_volume
+    from vqseg.inference import predict_volume
 
     cfg = load_config(None, overrides)
     volume = load_split(cfg, "test")[volume_index]

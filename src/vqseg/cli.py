@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from vqseg.engine.trainer import select_device
     from vqseg.evaluation.evaluate import eval_stem, evaluate_run, parse_class_map
-    from vqseg.evaluation.metrics import format_markdown
+    from vqseg.metrics import format_markdown
 
     select_device(args.device, "--device")  # refused here, with the option named, before any loading
     summary = evaluate_run(
@@ -61,7 +61,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _metrics(args: argparse.Namespace) -> None:
-    from vqseg.evaluation.metrics import compare_volumes, format_compare
+    from vqseg.metrics import compare_volumes, format_compare
 
     result = compare_volumes(args.pred, args.gt, tuple(args.spacing) if args.spacing else None, args.num_classes)
     print(json.dumps(result, indent=2) if args.json else format_compare(result))

@@ -23,7 +23,7 @@ from vqseg.config import load_config  # noqa: E402
 from vqseg.data import load_split  # noqa: E402
 from vqseg.engine.trainer import train  # noqa: E402
 from vqseg.evaluation.evaluate import evaluate_run, load_run  # noqa: E402
-from vqseg.evaluation.inference import predict_volume  # noqa: E402
+from vqseg.inference import predict_volume  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # Method settings that keep the demo inside its CPU budget: the foundation encoder would cost

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vqseg.data.volumes import DataError, Geometry, Volume, check_volume
-from vqseg.engine.checkpoint import replace_atomically
+from vqseg.io import replace_atomically
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -102,7 +102,9 @@ def slice_axis(zooms: tuple[float, ...], tolerance: float = SPACING_TOLERANCE) -
     return int(np.flatnonzero(z >= z.max() * (1 - tolerance))[-1])
 
 
-def _read_nifti(path: Path, axis: int | None) -> Raw:
+def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...], nib.Nifti1Image]:
+    """The one NIfTI reader: the array in the file's own axis order (never reoriented), the zooms of
+    those axes and the image (affine, header); any failure is a DataError naming the file."""
     import nibabel as nib
 
     try:
@@ -110,7 +112,11 @@ def _read_nifti(path: Path, axis: int | None) -> Raw:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, OSError...)
         raise DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err})") from None
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    return data, tuple(float(z) for z in img.header.get_zooms()[: data.ndim]), img
+
+
+def _read_nifti(path: Path, axis: int | None) -> Raw:
+    data, zooms, img = read_nifti(path)
     geometry = Geometry(path, tuple(data.shape), None, img.affine.copy(), img.header.copy())
     if data.ndim == 2:
         return Raw(data[None, None], (1.0, *zooms), geometry, zooms)

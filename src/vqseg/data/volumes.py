@@ -95,10 +95,17 @@ def check_volume(image: np.ndarray, label: np.ndarray | None, num_classes: int, 
         )
 
 
+def resize_images(images: Tensor, size: int | tuple[int, int], antialias: bool = False) -> Tensor:
+    """The one image resize (bilinear, pixel centres aligned) of training slices, of slices at
+    inference and of a frozen encoder's input: the feature cache is keyed by the bytes it gives, so
+    a slice met in training, validation or ``predict`` must come out of the same function."""
+    side = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(images, size=side, mode="bilinear", align_corners=False, antialias=antialias)
+
+
 def resize_slices(volume: Volume, size: int) -> tuple[Tensor, Tensor | None]:
     """Bilinear for intensities, nearest for labels, as SSL4MIS does per slice."""
-    image = torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32))
-    image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+    image = resize_images(torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32)), size)
     if volume.label is None:
         return image, None
     label = torch.from_numpy(np.ascontiguousarray(volume.label)).float().unsqueeze(1)

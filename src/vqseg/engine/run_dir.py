@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vqseg.config import UserError
-from vqseg.engine.checkpoint import replace_atomically
+from vqseg.io import replace_atomically
 
 LOCK_NAME = "train.lock"
 # The case lists the run was trained and is scored on (nnU-Net keeps splits_final.json for this).

@@ -23,14 +23,7 @@ import torch
 from vqseg.config import Config, ConfigError, UserError, resume_conflicts, save_config, to_dict
 from vqseg.data import DataError, SegmentationData, load_training_data, resolve_data_config, split_lists
 from vqseg.data.provenance import add_provenance
-from vqseg.engine.checkpoint import (
-    load_checkpoint,
-    load_weights,
-    replace_atomically,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
+from vqseg.engine.checkpoint import rng_state, set_rng_state
 from vqseg.engine.distributed import (
     DistInfo,
     average_gradients,
@@ -50,7 +43,8 @@ from vqseg.engine.run_dir import (
     run_folder_lock,
 )
 from vqseg.engine.sampler import InfiniteSampler
-from vqseg.evaluation.inference import mean_dice, predict_volumes
+from vqseg.inference import mean_dice, predict_volumes
+from vqseg.io import load_checkpoint, load_weights, replace_atomically, save_atomic
 from vqseg.methods import build_method
 from vqseg.methods.base import Batch, Method, StepOutput
 from vqseg.models import build_model

@@ -26,11 +26,11 @@ from vqseg.data import Volume, load_split, split_lists
 from vqseg.data.casefiles import prediction_filename, resolved_rules, stored_values, write_labels
 from vqseg.data.prepare import open_prepared
 from vqseg.data.volumes import DataError
-from vqseg.engine.checkpoint import load_checkpoint, load_weights, replace_atomically
 from vqseg.engine.run_dir import check_pinned_split
 from vqseg.engine.trainer import build_run_method, select_device
-from vqseg.evaluation.inference import predict_volumes
-from vqseg.evaluation.metrics import ClassScore, aggregate, format_markdown, score_volume
+from vqseg.inference import predict_volumes
+from vqseg.io import load_checkpoint, load_weights, replace_atomically
+from vqseg.metrics import ClassScore, aggregate, format_markdown, score_volume
 
 CSV_COLUMNS = ("case", "class", "dice", "jaccard", "hd95", "asd", "missed", "units")
 

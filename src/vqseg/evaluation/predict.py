@@ -36,7 +36,7 @@ from vqseg.data.nnunet import CHANNEL_FILE
 from vqseg.data.volumes import DataError
 from vqseg.engine.trainer import select_device
 from vqseg.evaluation.evaluate import load_run, run_rules
-from vqseg.evaluation.inference import predict_probabilities, predict_volume
+from vqseg.inference import predict_probabilities, predict_volume
 from vqseg.models.pretrained import set_cache_writes
 from vqseg.progress import progress_bar
 

@@ -54,8 +54,8 @@ from torch import Tensor
 
 from vqseg.config import ConfigError, MethodConfig, check_range
 from vqseg.data.augment import mix
-from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import Batch, Method, StepOutput, seg_loss
+from vqseg.modules.ema import ema_update, make_teacher
 
 
 @dataclass

@@ -34,8 +34,8 @@ from torch.nn import functional as F
 
 from vqseg.config import MethodConfig, check_range
 from vqseg.data.provenance import on_image
-from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import Batch, Method, StepOutput, labeled_pdcr, seg_loss, sigmoid_rampup
+from vqseg.modules.ema import ema_update, make_teacher
 
 
 @dataclass

@@ -42,7 +42,6 @@ from torch.nn import functional as F
 from vqseg.config import ConfigError, MethodConfig, check_range, resolve_path
 from vqseg.data.augment import Augmenter, mix
 from vqseg.data.provenance import split_channels
-from vqseg.engine.ema import ema_update, make_teacher
 from vqseg.methods.base import (
     U_LOSSES,
     U_NORMALISATIONS,
@@ -59,6 +58,7 @@ from vqseg.methods.base import (
 )
 from vqseg.models import frozen_running_stats
 from vqseg.models.vq_net import VQSegNet
+from vqseg.modules.ema import ema_update, make_teacher
 from vqseg.modules.qpm import DEFAULT_TEMPERATURE, QPM
 
 ABLATIONS = {

@@ -379,7 +379,7 @@ def prepare_frozen_encoders(
     encoders = frozen_encoders(module)
     if not encoders:
         return
-    from vqseg.evaluation.inference import model_inputs
+    from vqseg.inference import model_inputs
 
     first = encoders[0]
     identities = {e.backbone.identity() for e in encoders}

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqseg.engine.checkpoint import replace_atomically
+from vqseg.data.volumes import resize_images
+from vqseg.io import replace_atomically
 from vqseg.progress import progress_bar
 
 FOUNDATION_CHOICES = ("litemedsam", "dinov2", "none")
@@ -101,8 +101,7 @@ def encoder_input(images: Tensor, size: int) -> Tensor:
         raise ValueError(f"expected images of shape B x 1|3 x H x W, got {tuple(images.shape)}")
     x = images.float()
     if x.shape[-2:] != (size, size):
-        shrinking = min(x.shape[-2:]) > size
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
+        x = resize_images(x, size, antialias=min(x.shape[-2:]) > size)  # antialiased when shrinking
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 

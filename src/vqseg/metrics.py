@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
+from vqseg.data.casefiles import read_nifti
 from vqseg.data.volumes import DataError
 
 Spacing = Sequence[float] | None
@@ -320,11 +321,8 @@ def format_markdown(summary: dict) -> str:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
-    return data, tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    data, zooms, _ = read_nifti(path)  # the file's own axis order: metrics compare two files as stored
+    return data, zooms
 
 
 class _MissingDataset(Exception):
@@ -361,6 +359,8 @@ def load_label_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, ...] |
         data, spacing = reader(path)
     except _MissingDataset as exc:
         raise DataError(f"{path}: {exc}") from None
+    except DataError:
+        raise
     except Exception as exc:  # loaders raise many types (OSError, EOFError, ImageFileError, zlib.error...)
         raise DataError(f"{path}: cannot read file ({type(exc).__name__}: {exc})") from None
 

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from vqseg.data.volumes import Volume
+from vqseg.data.volumes import Volume, resize_images
 
 
 def model_inputs(image: np.ndarray, size: int, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -25,7 +24,7 @@ def model_inputs(image: np.ndarray, size: int, batch_size: int, device: torch.de
     """
     slices = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     for chunk in slices.split(batch_size):
-        yield F.interpolate(chunk.to(device), size=(size, size), mode="bilinear", align_corners=False)
+        yield resize_images(chunk.to(device), size)
 
 
 def _probabilities(
@@ -36,7 +35,7 @@ def _probabilities(
     for x in model_inputs(image, size, batch_size, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
-        yield F.interpolate(logits.float().softmax(dim=1), size=(height, width), mode="bilinear", align_corners=False)
+        yield resize_images(logits.float().softmax(dim=1), (height, width))
 
 
 @torch.no_grad()
@@ -73,7 +72,7 @@ def predict_volumes(
 
 def mean_dice(predictions: list[np.ndarray], volumes: list[Volume], num_classes: int) -> float:
     """Validation score for checkpoint selection: 3D Dice per class, mean over cases and classes."""
-    from vqseg.evaluation.metrics import dice
+    from vqseg.metrics import dice
 
     per_case = [
         np.mean([dice(pred == c, vol.label == c) for c in range(1, num_classes)])
