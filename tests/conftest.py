@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+import vqseg.data  # noqa: F401  (registers the built-in datasets)
+import vqseg.methods  # noqa: F401  (registers the built-in models and methods: load_config looks them up)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for a CPU test (a few hundred ms per run), large enough for every code path:

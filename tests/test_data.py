@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import TINY_HW, TinyACDC, tiny_config, write_volume
 
+from vqseg.config import ConfigError
 from vqseg.data import load_split, load_training_data
 from vqseg.data.acdc import load_acdc_split, read_h5_volume
 from vqseg.data.phantom import SLICES_PER_CASE, load_phantom, load_phantom_split
@@ -283,7 +284,7 @@ def test_missing_data_root(tmp_path):
 
 
 def test_unknown_dataset_and_split(tiny_acdc: TinyACDC):
-    with pytest.raises(DataError, match="data.dataset"):
+    with pytest.raises(ConfigError, match="data.dataset='brats' is not registered"):
         load_training_data(acdc_cfg(tiny_acdc.root, **{"data.dataset": "brats"}))
     with pytest.raises(DataError, match="'train'"):
         load_split(acdc_cfg(tiny_acdc.root), "train")

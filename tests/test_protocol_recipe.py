@@ -307,14 +307,18 @@ def test_labels_are_resized_by_nearest_neighbour_image_by_bilinear(tiny_acdc: Ti
 
 
 def test_training_data_needs_labelled_slices_and_validation_cases(tiny_acdc: TinyACDC, monkeypatch) -> None:
-    from vqseg.data import acdc
+    from vqseg.registry import DATASETS
 
-    real = acdc.load_acdc(acdc_cfg(tiny_acdc.root))
-    monkeypatch.setattr(acdc, "load_acdc", lambda cfg: replace(real, labeled=real.unlabeled.__class__(
-        real.labeled.images[:0], real.labeled.labels[:0], [])))
+    reader = DATASETS["acdc"]
+    real = reader.load(acdc_cfg(tiny_acdc.root))
+
+    def loading(data):
+        monkeypatch.setitem(DATASETS._entries, "acdc", replace(reader, load=lambda cfg: data))
+
+    loading(replace(real, labeled=real.unlabeled.__class__(real.labeled.images[:0], real.labeled.labels[:0], [])))
     with pytest.raises(DataError, match="labelled training set is empty"):
         load_training_data(acdc_cfg(tiny_acdc.root))
-    monkeypatch.setattr(acdc, "load_acdc", lambda cfg: replace(real, val=[]))
+    loading(replace(real, val=[]))
     with pytest.raises(DataError, match="validation split is empty"):
         load_training_data(acdc_cfg(tiny_acdc.root))
 

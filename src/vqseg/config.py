@@ -1,7 +1,10 @@
 """Typed run configuration: dataclasses filled from YAML files plus ``--set key=value`` overrides.
 
 Every section is a dataclass so a typo in a YAML key or an override fails at start-up with the
-offending key named, instead of being silently ignored hours into a run.
+offending key named, instead of being silently ignored hours into a run. The schema sits at the
+bottom of the package and imports no implementation: a method's own section and a model's checks
+come from what they registered in ``vqseg.registry`` (so ``load_config`` needs ``vqseg.methods``
+imported; ``vqseg.run`` and the command line do that).
 """
 
 from __future__ import annotations
@@ -18,17 +21,15 @@ from typing import Any
 
 import yaml
 
+from vqseg.errors import ConfigError, UserError
+from vqseg.registry import METHODS, MODELS
+
+__all__ = ["Config", "ConfigError", "MethodConfig", "UserError", "load_config"]
+
 DATA_ENV_VAR = "VQSEG_DATA"
 DEFAULT_DATA_ROOT = "../shared/data"
-
-
-class UserError(ValueError):
-    """Base of every error the user can cause and fix (a bad file or setting): the CLI prints its
-    message as one line and exits with status 2; anything else is a bug and keeps its traceback."""
-
-
-class ConfigError(UserError):
-    """A configuration file or override that cannot be turned into a valid config."""
+ENCODER_MODES = ("finetune", "frozen")  # a pretrained encoder trains, or its features are cached
+PDCR_SAMPLING = ("grid", "random", "balanced")  # where PDCR samples its feature vectors (modules/pdcr.py)
 
 
 def data_root() -> Path:
@@ -99,10 +100,6 @@ class ModelConfig:
     tiny: bool = False  # tests only: a narrow, shallow encoder with fixed random weights
 
     def __post_init__(self) -> None:
-        from vqseg.models import available_models
-        from vqseg.models.pretrained import ENCODER_MODES
-
-        _check_choice("model.name", self.name, available_models())
         _check_choice("model.encoder_mode", self.encoder_mode, ENCODER_MODES)
         _check_choice("model.encoder_precision", self.encoder_precision, ("fp32", "bf16"))
         for key, cached in (("level_strides", (4, 8, 4, 4)), ("dpt_strides", (1, 1, 1, 1))):
@@ -255,9 +252,7 @@ class PDCRSettings:
     unlabeled_threshold: float = 0.95
 
     def __post_init__(self) -> None:
-        from vqseg.modules.pdcr import SAMPLING_MODES
-
-        _check_choice("pdcr.sampling", self.sampling, SAMPLING_MODES)
+        _check_choice("pdcr.sampling", self.sampling, PDCR_SAMPLING)
         for i, layer in enumerate(self.layers):
             check_range(f"pdcr.layers[{i}].num_samples", layer.num_samples, 1)
             check_range(f"pdcr.layers[{i}].weight", layer.weight, 0)
@@ -292,22 +287,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
 
     def __post_init__(self) -> None:
-        from vqseg.models.pretrained import PRETRAINED_MODELS, check_encoder_input, default_encoder_input
-
         check_range("seed", self.seed, 0, 2**32 - 1)
-        if self.model.name in PRETRAINED_MODELS:
-            if self.model.encoder_input == 0:  # resolved here, so config.yaml records the size used
-                self.model.encoder_input = default_encoder_input(self.model.name, self.train.image_size)
-            check_encoder_input(self.model.name, self.model.encoder_input)
-            return
-        # Each U-Net level below the first halves the image (max-pooling, rounding down); below a
-        # 1 x 1 bottleneck the pooling fails.
-        smallest = 2 ** (len(self.model.channels) - 1)
-        if self.train.image_size < smallest:
-            raise ConfigError(
-                f"train.image_size={self.train.image_size} is too small for the {len(self.model.channels)}-level "
-                f"model.channels: it must be at least {smallest} (each level halves it)"
-            )
 
 
 # Settings that pick hardware or what is shown and logged, never the experiment: a resumed run may
@@ -425,15 +405,9 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 def _method_config(values: Any, key: str) -> MethodConfig:
     """Resolve the method section through the method registry, so each method owns its fields."""
-    from vqseg.methods import method_config_class
-
     if not isinstance(values, dict):
         raise ConfigError(f"{key}: expected a mapping, got {values!r}")
-    name = values.get("name", MethodConfig.name)
-    try:
-        cls = method_config_class(name)
-    except KeyError as err:
-        raise ConfigError(f"{key}.name: {err.args[0]}") from None
+    cls = METHODS.extra(values.get("name", MethodConfig.name), "config", MethodConfig)
     return from_dict(cls, values, prefix=key + ".")
 
 
@@ -481,7 +455,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if key == "method.name" and tree["method"].get("name") != value:
             tree["method"] = {"name": value}  # another method's fields do not carry over
         _set_nested(tree, key, value)
-    return from_dict(Config, tree)
+    cfg = from_dict(Config, tree)
+    resolve = MODELS.extra(cfg.model.name, "resolve")  # an unknown model.name is refused here
+    if resolve is not None:
+        resolve(cfg)  # e.g. a pretrained encoder's input size, so config.yaml records the size used
+    return cfg
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from vqseg.config import Config, resolve_path
 from vqseg.data.splits import check_ids, read_splits
-from vqseg.data.volumes import DataError, SegmentationData, Volume, check_volume, stack_slices
+from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, check_volume, stack_slices
+from vqseg.registry import DATASETS
 
 NUM_CLASSES = 4
 CLASS_NAMES = ["RV", "Myo", "LV"]
@@ -135,3 +136,6 @@ def load_acdc(cfg: Config) -> SegmentationData:
         class_names=CLASS_NAMES,
         in_channels=1,
     )
+
+
+DATASETS.register("acdc")(DatasetReader(load_acdc, load_acdc_split, acdc_split_lists))

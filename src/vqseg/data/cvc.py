@@ -16,7 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from vqseg.config import Config, resolve_path
 from vqseg.data.splits import SPLITS, read_splits
-from vqseg.data.volumes import DataError, SegmentationData, Volume, check_volume, stack_slices
+from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, check_volume, stack_slices
+from vqseg.registry import DATASETS
 
 CLASS_NAMES = ["polyp"]
 
@@ -107,3 +108,6 @@ def load_cvc(cfg: Config) -> SegmentationData:
         class_names=CLASS_NAMES,
         in_channels=3,
     )
+
+
+DATASETS.register("cvc")(DatasetReader(load_cvc, load_cvc_split, cvc_split_lists))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from vqseg.config import Config
-from vqseg.data.volumes import SegmentationData, Volume, stack_slices
+from vqseg.data.volumes import DatasetReader, SegmentationData, Volume, stack_slices
+from vqseg.registry import DATASETS
 
 CLASS_NAMES = ["RV", "Myo", "LV"]
 SLICES_PER_CASE = 6
@@ -121,3 +122,6 @@ def load_phantom(cfg: Config) -> SegmentationData:
         class_names=CLASS_NAMES,
         in_channels=1,
     )
+
+
+DATASETS.register("phantom")(DatasetReader(load_phantom, load_phantom_split, phantom_split_lists))

@@ -33,7 +33,8 @@ from vqseg.config import Config, ConfigError, DataConfig, resolve_path
 from vqseg.data import imagefolder, nnunet
 from vqseg.data.casefiles import Case, check_geometry, decode_labels, read_case, read_file, read_images
 from vqseg.data.plan import FingerprintBuilder, cases_against_plan, describe_plan, make_plan
-from vqseg.data.volumes import DataError, SegmentationData, Volume, stack_slices
+from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, stack_slices
+from vqseg.registry import DATASETS
 
 SPLIT_FILE = "vqseg_splits.json"
 SPLITS = ("labeled", "unlabeled", "val", "test")
@@ -411,3 +412,6 @@ def prepared_split_lists(cfg: Config) -> dict[str, list[str]]:
 def load_prepared_split(cfg: Config, split: str) -> list[Volume]:
     intensity = None if cfg.data.intensity == "auto" else cfg.data.intensity
     return open_prepared(_prepared_root(cfg)).volumes(split, intensity)
+
+
+DATASETS.register("prepared")(DatasetReader(load_prepared, load_prepared_split, prepared_split_lists, adopt_prepared_settings))

@@ -8,14 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from vqseg.config import UserError
+from vqseg.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetReader:
+    """What a dataset registers (``vqseg.registry.DATASETS``): its training data, one split's cases,
+    the case names of every split (without reading images) and, optionally, the ``data.*`` values
+    it dictates to the config."""
+
+    load: Callable[[Any], SegmentationData]
+    load_split: Callable[[Any, str], list[Volume]]
+    split_lists: Callable[[Any], dict[str, list[str]]]
+    resolve: Callable[[Any], None] | None = None
 
 
 class DataError(UserError):

@@ -1,47 +1,25 @@
-"""Registry of training methods: each name maps to a Method class and its parameter dataclass."""
+"""Training methods. Each module registers its method (and its parameter dataclass, the
+``method`` section of the config) with ``@METHODS.register(name, config=...)``; importing this
+package registers every built-in one, and the models they build on."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
-from vqseg.config import MethodConfig
-
-_METHODS: dict[str, tuple[str, str, str]] = {
-    # name: (module, method class, config class)
-    "supervised": ("vqseg.methods.base", "Supervised", ""),
-    "vqseg": ("vqseg.methods.vqseg", "VQSeg", "VQSegConfig"),
-    "mean_teacher": ("vqseg.methods.mean_teacher", "MeanTeacher", "MeanTeacherConfig"),
-    "unimatch": ("vqseg.methods.unimatch", "UniMatch", "UniMatchConfig"),
-    "bcp": ("vqseg.methods.bcp", "BCP", "BCPConfig"),
-    "cps": ("vqseg.methods.cps", "CPS", "CPSConfig"),
-}
-
-
-def register(name: str, module: str, method_class: str, config_class: str = "") -> None:
-    _METHODS[name] = (module, method_class, config_class)
+from vqseg.config import Config
+from vqseg.methods import bcp, cps, mean_teacher, unimatch, vqseg  # noqa: F401  (they register)
+from vqseg.methods.base import Method
+from vqseg.models import SegmentationModel
+from vqseg.registry import METHODS
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
-def _lookup(name: str) -> tuple[type, type]:
-    if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; choose from {available_methods()}")
-    module_name, method_name, config_name = _METHODS[name]
-    module = importlib.import_module(module_name)
-    config_cls = getattr(module, config_name) if config_name else MethodConfig
-    return getattr(module, method_name), config_cls
+def method_class(name: str) -> type[Method]:
+    return METHODS[name]
 
 
-def method_config_class(name: str) -> type:
-    return _lookup(name)[1]
-
-
-def method_class(name: str) -> type:
-    return _lookup(name)[0]
-
-
-def build_method(cfg, model_factory: Callable, num_classes: int):
-    return method_class(cfg.method.name)(cfg, model_factory, num_classes)
+def build_method(cfg: Config, model_factory: Callable[[], SegmentationModel], num_classes: int) -> Method:
+    return METHODS[cfg.method.name](cfg, model_factory, num_classes)

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vqseg.config import Config
+from vqseg.config import Config, MethodConfig
 from vqseg.data.augment import Augmenter, mix
 from vqseg.models import SegmentationModel
 from vqseg.modules.attach import FeatureTap, PDCRConfig, PDCRLayer, infer_channels, pdcr_total_loss
+from vqseg.registry import METHODS
 
 PDCR_IGNORE = 255
 
@@ -204,6 +205,7 @@ def unlabeled_loss(
     raise ValueError(f"unknown unlabelled loss {loss!r}; choose from {U_LOSSES}")
 
 
+@METHODS.register("supervised", config=MethodConfig)
 class Supervised(Method):
     """Labelled slices only; with every training patient labelled it is the fully supervised bound."""
 

@@ -56,6 +56,7 @@ from vqseg.config import ConfigError, MethodConfig, check_range
 from vqseg.data.augment import mix
 from vqseg.methods.base import Batch, Method, StepOutput, seg_loss
 from vqseg.modules.ema import ema_update, make_teacher
+from vqseg.registry import METHODS
 
 
 @dataclass
@@ -107,6 +108,7 @@ def mix_loss(logits: Tensor, target: Tensor, box: Tensor, w_outside: float, w_in
     return w_outside * outside + w_inside * inside
 
 
+@METHODS.register("bcp", config=BCPConfig)
 class BCP(Method):
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
         super().__init__(cfg, model_factory, num_classes)

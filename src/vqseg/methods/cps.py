@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from vqseg.config import MethodConfig, check_range
 from vqseg.methods.base import Batch, Method, StepOutput, labeled_pdcr, seg_loss, sigmoid_rampup
+from vqseg.registry import METHODS
 
 
 @dataclass
@@ -51,6 +52,7 @@ def init_conv_weights(model: nn.Module, init: Callable[[Tensor], Tensor]) -> Non
             nn.init.zeros_(m.bias)
 
 
+@METHODS.register("cps", config=CPSConfig)
 class CPS(Method):
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
         super().__init__(cfg, model_factory, num_classes)

@@ -36,6 +36,7 @@ from vqseg.config import MethodConfig, check_range
 from vqseg.data.provenance import on_image
 from vqseg.methods.base import Batch, Method, StepOutput, labeled_pdcr, seg_loss, sigmoid_rampup
 from vqseg.modules.ema import ema_update, make_teacher
+from vqseg.registry import METHODS
 
 
 @dataclass
@@ -54,6 +55,7 @@ class MeanTeacherConfig(MethodConfig):
             check_range(f"method.{key}", getattr(self, key), 0)
 
 
+@METHODS.register("mean_teacher", config=MeanTeacherConfig)
 class MeanTeacher(Method):
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
         super().__init__(cfg, model_factory, num_classes)

@@ -45,6 +45,7 @@ from vqseg.methods.base import (
     seg_loss,
     strong_view,
 )
+from vqseg.registry import METHODS
 
 
 @dataclass
@@ -62,6 +63,7 @@ class UniMatchConfig(MethodConfig):
         check_range("method.weight_fp", self.weight_fp, 0)
 
 
+@METHODS.register("unimatch", config=UniMatchConfig)
 class UniMatch(Method):
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
         super().__init__(cfg, model_factory, num_classes)

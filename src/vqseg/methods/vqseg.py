@@ -60,6 +60,7 @@ from vqseg.models import frozen_running_stats
 from vqseg.models.vq_net import VQSegNet
 from vqseg.modules.ema import ema_update, make_teacher
 from vqseg.modules.qpm import DEFAULT_TEMPERATURE, QPM
+from vqseg.registry import METHODS
 
 ABLATIONS = {
     "base": {"perturbation": "none", "dual_branch": False, "pfa": False},
@@ -155,6 +156,7 @@ class VQSegConfig(MethodConfig):
             raise ConfigError("method.vq_levels is empty; give at least one encoder level to quantize (-1: deepest)")
 
 
+@METHODS.register("vqseg", config=VQSegConfig)
 class VQSeg(Method):
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
         super().__init__(cfg, model_factory, num_classes)

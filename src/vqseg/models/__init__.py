@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 
 from torch import Tensor, nn
 
-from vqseg.config import ModelConfig
+from vqseg.config import Config, ConfigError, ModelConfig
 from vqseg.models.unet import UNetDecoder, UNetEncoder
+from vqseg.registry import MODELS
 
 
 class SegmentationModel(nn.Module):
@@ -44,28 +45,28 @@ class SegmentationModel(nn.Module):
 
 
 ModelBuilder = Callable[[ModelConfig, int, int], SegmentationModel]
-_MODELS: dict[str, ModelBuilder] = {}
-
-
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    def wrap(builder: ModelBuilder) -> ModelBuilder:
-        _MODELS[name] = builder
-        return builder
-
-    return wrap
 
 
 def available_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
-    if cfg.name not in _MODELS:
-        raise ValueError(f"model.name={cfg.name!r} is not registered; choose from {available_models()}")
-    return _MODELS[cfg.name](cfg, in_channels, num_classes)
+    return MODELS[cfg.name](cfg, in_channels, num_classes)
 
 
-@register_model("unet")
+def _check_unet(cfg: Config) -> None:
+    """Each U-Net level below the first halves the image (max-pooling, rounding down); below a
+    1 x 1 bottleneck the pooling fails."""
+    smallest = 2 ** (len(cfg.model.channels) - 1)
+    if cfg.train.image_size < smallest:
+        raise ConfigError(
+            f"train.image_size={cfg.train.image_size} is too small for the {len(cfg.model.channels)}-level "
+            f"model.channels: it must be at least {smallest} (each level halves it)"
+        )
+
+
+@MODELS.register("unet", resolve=_check_unet)
 def _unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
     encoder = UNetEncoder(in_channels, cfg.channels, cfg.dropout)
     return SegmentationModel(encoder, UNetDecoder(cfg.channels, num_classes))
@@ -93,5 +94,5 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-# Registers litemedsam and dinov2 (imported last: it builds on the registry above).
+# Registers litemedsam and dinov2 (imported last: it builds on what is above).
 from vqseg.models import pretrained as _pretrained  # noqa: E402,F401

@@ -36,17 +36,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vqseg.config import ConfigError, ModelConfig
+from vqseg.config import Config, ConfigError, ModelConfig
 from vqseg.data.provenance import provenance_at, sample_bank, split_channels
-from vqseg.models import SegmentationModel, register_model
+from vqseg.models import SegmentationModel
 from vqseg.models.dpt import DPTDecoder, ImageStem
 from vqseg.modules import foundation
+from vqseg.registry import MODELS
 
 if TYPE_CHECKING:
     from vqseg.data.volumes import SegmentationData
 
 PRETRAINED_MODELS = ("litemedsam", "dinov2")
-ENCODER_MODES = ("finetune", "frozen")
 DINOV2_BLOCKS = (2, 5, 8, 11)  # UniMatch V2's intermediate_layer_idx for ViT-S
 BACKBONE_IDENTITY = "backbone_identity"  # a frozen backbone's checkpoint entry (see _drop_frozen_backbone)
 LEGACY_PYRAMID = "pyramid-v1"  # identities written before content hashing: weights file name and size only
@@ -56,6 +56,13 @@ def default_encoder_input(name: str, image_size: int) -> int:
     """The encoder's input side when ``model.encoder_input`` is 0: the training size (DINOv2: its
     largest multiple of the 14-pixel patch)."""
     return image_size // 14 * 14 if name == "dinov2" else image_size
+
+
+def resolve_encoder_input(cfg: Config) -> None:
+    """``model.encoder_input`` 0 becomes the size it stands for, so config.yaml records the size used."""
+    if cfg.model.encoder_input == 0:
+        cfg.model.encoder_input = default_encoder_input(cfg.model.name, cfg.train.image_size)
+    check_encoder_input(cfg.model.name, cfg.model.encoder_input)
 
 
 def check_encoder_input(name: str, size: int) -> None:
@@ -324,12 +331,12 @@ def _build(name: str, cfg: ModelConfig, in_channels: int, num_classes: int) -> S
     )
 
 
-@register_model("litemedsam")
+@MODELS.register("litemedsam", resolve=resolve_encoder_input)
 def _litemedsam(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
     return _build("litemedsam", cfg, in_channels, num_classes)
 
 
-@register_model("dinov2")
+@MODELS.register("dinov2", resolve=resolve_encoder_input)
 def _dinov2(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
     return _build("dinov2", cfg, in_channels, num_classes)
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SAMPLING_MODES = ("grid", "random", "balanced")
+from vqseg.config import PDCR_SAMPLING as SAMPLING_MODES
 
 PatchSize = int | tuple[int, int]
 
