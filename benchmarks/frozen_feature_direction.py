@@ -39,8 +39,8 @@ def main() -> None:
 
     from vqseg.config import load_config
     from vqseg.data import load_training_data
-    from vqseg.engine.trainer import build_network
     from vqseg.models.vq_net import FactorizedQuantizer
+    from vqseg.run import build_network
 
     cfg = load_config(REPO / "configs/cpu/litemedsam_acdc_3cases.yaml", [])
     data = load_training_data(cfg)

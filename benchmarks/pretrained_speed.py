@@ -56,8 +56,8 @@ def prediction_cost(overrides: list[str], volume_index: int) -> tuple[float, int
     """Seconds per slice to predict one ACDC test volume with an empty feature cache."""
     from vqseg.config import load_config
     from vqseg.data import load_split
-    from vqseg.engine.trainer import build_run_method
     from vqseg.inference import predict_volume
+    from vqseg.run import build_run_method
 
     cfg = load_config(None, overrides)
     volume = load_split(cfg, "test")[volume_index]

@@ -34,9 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pseudo_labeller(run_dir: Path, checkpoint: str) -> tuple[object, torch.nn.Module, int]:
     """(config, network, step): best.pt holds only the validated network; last.pt the whole method."""
-    from vqseg.engine.trainer import build_run_method
-    from vqseg.evaluation.evaluate import load_run
     from vqseg.io import load_weights
+    from vqseg.run import build_run_method, load_run
 
     if checkpoint == "best":
         cfg, predictor, state = load_run(run_dir, "best")

@@ -29,7 +29,8 @@ import json, sys, time, torch
 from vqseg.config import load_config
 from vqseg.data import load_training_data
 from vqseg.engine.distributed import DistInfo
-from vqseg.engine.trainer import Streams, build_run_method, make_optimizer, optimization_step, peak_memory_mb, select_device
+from vqseg.engine.trainer import Streams, make_optimizer, optimization_step, peak_memory_mb
+from vqseg.run import build_run_method, select_device
 from vqseg.models.pretrained import frozen_encoders, install_bank
 cfg = load_config(None, json.loads(sys.argv[1]))
 device = select_device(cfg.train.device)

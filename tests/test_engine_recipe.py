@@ -29,10 +29,11 @@ from vqseg.data import Volume, load_training_data
 from vqseg.data.phantom import load_phantom_split
 from vqseg.engine.distributed import DistInfo
 from vqseg.engine.sampler import InfiniteSampler
-from vqseg.evaluation.evaluate import evaluate_run, load_run
+from vqseg.evaluation.evaluate import evaluate_run
 from vqseg.inference import predict_probabilities, predict_volume, predict_volumes
 from vqseg.io import load_checkpoint
 from vqseg.methods.mean_teacher import MeanTeacher
+from vqseg.run import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,10 +18,11 @@ import vqseg.engine.trainer as trainer
 import vqseg.evaluation.evaluate as evaluate_module
 from vqseg.config import ModelConfig
 from vqseg.data.phantom import load_phantom_split
-from vqseg.evaluation.evaluate import evaluate_run, load_run
+from vqseg.evaluation.evaluate import evaluate_run
 from vqseg.inference import mean_dice, predict_volume, predict_volumes
 from vqseg.io import load_checkpoint
 from vqseg.models import build_model
+from vqseg.run import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,6 @@ from torch.nn import functional as F
 
 from vqseg.config import AugConfig
 from vqseg.data.augment import Augmenter
-from vqseg.engine.trainer import build_run_method
 from vqseg.methods import base as base_module
 from vqseg.methods.base import (
     Batch,
@@ -36,6 +35,7 @@ from vqseg.methods.base import (
 )
 from vqseg.models import frozen_running_stats
 from vqseg.modules.attach import PDCRConfig, PDCRLayer
+from vqseg.run import build_run_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,6 @@ from vqseg.config import ModelConfig
 from vqseg.data import load_training_data
 from vqseg.data.augment import Augmenter
 from vqseg.data.provenance import add_provenance
-from vqseg.engine.trainer import build_run_method
 from vqseg.inference import predict_volumes
 from vqseg.models import build_model
 from vqseg.models.dpt import DPTDecoder
@@ -39,6 +38,7 @@ from vqseg.models.pretrained import (
 )
 from vqseg.modules import foundation
 from vqseg.modules.foundation import FeatureMemo, FoundationEncoder, LiteMedSAMEncoder, cached_slice_features
+from vqseg.run import build_run_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,12 +22,12 @@ from torch.nn import functional as F
 from vqseg.config import ConfigError, load_config
 from vqseg.data.phantom import make_cases
 from vqseg.data.volumes import stack_slices
-from vqseg.engine.trainer import build_run_method
 from vqseg.methods import base as base_module
 from vqseg.methods import bcp as bcp_module
 from vqseg.methods import unimatch as unimatch_module
 from vqseg.methods.base import Batch, Method, dice_loss, seg_loss
 from vqseg.methods.bcp import largest_components
+from vqseg.run import build_run_method
 
 STEPS = 20
 CLASSES = 4

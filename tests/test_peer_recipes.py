@@ -32,11 +32,11 @@ from torch.nn import functional as F
 
 from vqseg.config import load_config
 from vqseg.data.provenance import PROVENANCE_CHANNELS
-from vqseg.engine.trainer import build_network, build_run_method
 from vqseg.methods import unimatch as unimatch_module
 from vqseg.methods.base import Batch, Method, seg_loss
 from vqseg.methods.bcp import largest_components, paste_box
 from vqseg.methods.cps import init_conv_weights
+from vqseg.run import build_network, build_run_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

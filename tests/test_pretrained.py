@@ -24,7 +24,7 @@ from vqseg.data import load_split, load_training_data
 from vqseg.data.augment import Augmenter, mix
 from vqseg.data.provenance import PROVENANCE_CHANNELS, add_provenance, provenance_at, sample_bank
 from vqseg.engine.distributed import DistInfo
-from vqseg.engine.trainer import Streams, build_run_method, make_optimizer, optimization_step, train
+from vqseg.engine.trainer import Streams, make_optimizer, optimization_step, train
 from vqseg.evaluation.evaluate import evaluate_run
 from vqseg.inference import predict_volumes
 from vqseg.io import load_checkpoint, load_weights
@@ -32,6 +32,7 @@ from vqseg.models import build_model
 from vqseg.models.pretrained import PretrainedEncoder, is_frozen, prepare_frozen_encoders
 from vqseg.modules import foundation
 from vqseg.modules.ema import ema_update, make_teacher
+from vqseg.run import build_run_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

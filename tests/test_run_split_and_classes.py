@@ -19,8 +19,8 @@ from own_data_builders import own_config, write_image_folder, write_nnunet
 from vqseg.benchmark import run_suite
 from vqseg.cli import main
 from vqseg.data.prepare import SPLIT_FILE, open_prepared, prepare
-from vqseg.engine.run_dir import SPLIT_NAME
 from vqseg.engine.trainer import train
+from vqseg.run import SPLIT_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

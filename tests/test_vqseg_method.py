@@ -16,8 +16,8 @@ from torch import nn
 from vqseg.config import ConfigError
 from vqseg.data.phantom import make_cases
 from vqseg.data.volumes import SegmentationData, stack_slices
-from vqseg.engine.trainer import build_run_method
 from vqseg.methods.base import Batch
+from vqseg.run import build_run_method
 
 
 class FakeFoundation(nn.Module):

@@ -20,12 +20,12 @@ from torch.nn import functional as F
 from vqseg.data.phantom import make_cases
 from vqseg.data.provenance import add_provenance
 from vqseg.data.volumes import SegmentationData, stack_slices
-from vqseg.engine.trainer import build_network, build_run_method
 from vqseg.methods.base import Batch
 from vqseg.methods.vqseg import ABLATIONS, VQSeg
 from vqseg.models.vq_net import VQForward, VQSegNet
 from vqseg.modules.qpm import DEFAULT_TEMPERATURE, NEAR_FRACTION, QPM, jump_stats
 from vqseg.modules.vq import VectorQuantizer, VQOutput
+from vqseg.run import build_network, build_run_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -60,8 +60,8 @@ from scipy import stats
 from vqseg.config import ConfigError, load_config, to_dict
 from vqseg.data import resolve_data_config, split_lists
 from vqseg.data.volumes import DataError
-from vqseg.engine.run_dir import SPLIT_NAME, check_pinned_split
 from vqseg.io import replace_atomically
+from vqseg.run import SPLIT_NAME, check_pinned_split
 
 SUITE_KEYS = {
     "name", "config", "output_dir", "set", "labeled_cases", "cases_key", "seeds", "concurrent", "device", "runs",

@@ -21,9 +21,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from vqseg.engine.trainer import select_device
     from vqseg.evaluation.evaluate import eval_stem, evaluate_run, parse_class_map
     from vqseg.metrics import format_markdown
+    from vqseg.run import select_device
 
     select_device(args.device, "--device")  # refused here, with the option named, before any loading
     summary = evaluate_run(
@@ -47,8 +47,8 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from vqseg.data.volumes import DataError
-    from vqseg.engine.trainer import select_device
     from vqseg.evaluation.predict import predict_paths
+    from vqseg.run import select_device
 
     select_device(args.device, "--device")
     written, failed = predict_paths(

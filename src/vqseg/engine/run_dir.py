@@ -11,24 +11,18 @@ the holder dies, even by ``kill -9``, so a stale file never blocks a later run.
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from vqseg.config import UserError
-from vqseg.io import replace_atomically
+from vqseg.run import SPLIT_NAME
 
 LOCK_NAME = "train.lock"
-# The case lists the run was trained and is scored on (nnU-Net keeps splits_final.json for this).
-SPLIT_NAME = "split.json"
-SPLIT_KEYS = ("labeled", "unlabeled", "val", "test")
 # Files whose presence means the folder holds (part of) a run; a fresh start refuses them.
 RUN_MARKERS = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "summary.json")
 # What --overwrite removes: the markers, the pinned split, TensorBoard events and evaluations of the
@@ -110,45 +104,3 @@ def _acquire(lock_path: Path, run_dir: Path) -> int:
         if same_file:
             return fd
         os.close(fd)  # the previous holder removed the file between our open and flock: retry
-
-
-class SplitChangedError(UserError):
-    """The data's split is no longer the one a run was trained on: its test set may hold training cases."""
-
-
-def _digest(lists: dict[str, list[str]]) -> str:
-    return hashlib.sha256(json.dumps({k: lists[k] for k in SPLIT_KEYS}, sort_keys=True).encode()).hexdigest()
-
-
-def pin_split(run_dir: Path, dataset: str, lists: dict[str, list[str]]) -> None:
-    """Store the case lists of every split in the run folder (atomically, with their hash)."""
-    content = {"dataset": dataset, "sha256": _digest(lists), **{k: list(lists[k]) for k in SPLIT_KEYS}}
-    replace_atomically(run_dir / SPLIT_NAME, lambda tmp: tmp.write_text(json.dumps(content, indent=1) + "\n"))
-
-
-def check_pinned_split(run_dir: Path, lists: dict[str, list[str]], what: str) -> bool:
-    """Refuse (one line) when the data's split differs from the one pinned at the run's start.
-
-    Returns False for a run folder written before splits were pinned: nothing to check (said on one line).
-    """
-    path = run_dir / SPLIT_NAME
-    if not path.is_file():
-        print(f"vqseg {what}: note: {run_dir} has no {SPLIT_NAME} (trained before runs pinned their split): "
-              "the data's split cannot be checked against the run's", file=sys.stderr, flush=True)
-        return False
-    try:
-        pinned = json.loads(path.read_text())
-        changed = [k for k in SPLIT_KEYS if list(pinned[k]) != list(lists[k])]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise SplitChangedError(f"{path}: cannot be read as the run's pinned split ({err})") from None
-    if changed:
-        parts = []
-        for key in changed:
-            added, removed = set(lists[key]) - set(pinned[key]), set(pinned[key]) - set(lists[key])
-            parts.append(f"{key!r} ({len(added)} case(s) added, {len(removed)} removed)")
-        raise SplitChangedError(
-            f"{path}: the data's split is not the one this run was trained on: {', '.join(parts)} changed "
-            "(prepared again with another seed, or cases added); its test cases may have been trained on: "
-            "restore the split file, or train a new run"
-        )
-    return True

@@ -33,23 +33,19 @@ from vqseg.engine.distributed import (
     shutdown,
 )
 from vqseg.engine.run_dir import (
-    SPLIT_NAME,
     RunFolderError,
     check_output_dir,
-    check_pinned_split,
     clear_run,
     existing_run_files,
-    pin_split,
     run_folder_lock,
 )
 from vqseg.engine.sampler import InfiniteSampler
 from vqseg.inference import mean_dice, predict_volumes
 from vqseg.io import load_checkpoint, load_weights, replace_atomically, save_atomic
-from vqseg.methods import build_method
 from vqseg.methods.base import Batch, Method, StepOutput
-from vqseg.models import build_model
-from vqseg.models.pretrained import channels_last, is_frozen, prepare_frozen_encoders
+from vqseg.models.pretrained import is_frozen, prepare_frozen_encoders
 from vqseg.progress import progress_bar
+from vqseg.run import SPLIT_NAME, build_run_method, check_pinned_split, pin_split, select_device
 
 # What a resume needs from last.pt; a file without these is not a training checkpoint.
 _RESUME_KEYS = ("method", "optimizer", "scheduler", "samplers", "rng", "step", "best", "config")
@@ -57,32 +53,6 @@ _RESUME_KEYS = ("method", "optimizer", "scheduler", "samplers", "rng", "step", "
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or Inf: almost always too high a learning rate for the data."""
-
-
-def select_device(name: str, setting: str = "train.device") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a setting error, named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"{setting}={name!r}; choose auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{setting}={name} but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
-
-
-def build_network(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.Module:
-    """The configured backbone, with UAFS blocks inserted after the named layers if any."""
-    model = build_model(cfg.model, in_channels, num_classes)
-    if cfg.model.uafs_layers:
-        from vqseg.modules.attach import insert_uafs
-
-        example = torch.zeros(2, in_channels, cfg.train.image_size, cfg.train.image_size)
-        insert_uafs(model, cfg.model.uafs_layers, example_input=example)
-    return model
-
-
-def build_run_method(cfg: Config, in_channels: int, num_classes: int) -> Method:
-    return channels_last(build_method(cfg, lambda: build_network(cfg, in_channels, num_classes), num_classes), cfg.model)
 
 
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:

@@ -19,40 +19,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from vqseg.config import Config, ConfigError, load_config, resolve_path
+from vqseg.config import Config, ConfigError, resolve_path
 from vqseg.data import Volume, load_split, split_lists
-from vqseg.data.casefiles import prediction_filename, resolved_rules, stored_values, write_labels
+from vqseg.data.casefiles import prediction_filename, stored_values, write_labels
 from vqseg.data.prepare import open_prepared
 from vqseg.data.volumes import DataError
-from vqseg.engine.run_dir import check_pinned_split
-from vqseg.engine.trainer import build_run_method, select_device
 from vqseg.inference import predict_volumes
-from vqseg.io import load_checkpoint, load_weights, replace_atomically
+from vqseg.io import replace_atomically
 from vqseg.metrics import ClassScore, aggregate, format_markdown, score_volume
+from vqseg.run import check_pinned_split, load_run, run_rules, select_device
 
 CSV_COLUMNS = ("case", "class", "dice", "jaccard", "hd95", "asd", "missed", "units")
-
-
-def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Config, torch.nn.Module, dict]:
-    """Rebuild the run's predictor from its saved config and load the chosen weights."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: {config_path} is missing")
-    cfg = load_config(config_path)
-    if not (run_dir / f"{checkpoint}.pt").is_file():
-        raise ConfigError(f"{run_dir}: no model to load ({checkpoint}.pt is missing; has the run been trained?)")
-    state = load_checkpoint(run_dir / f"{checkpoint}.pt")
-    method = build_run_method(cfg, cfg.data.in_channels, cfg.data.num_classes)
-    predictor = method.predictor()
-    load_weights(predictor, state["predictor"], run_dir / f"{checkpoint}.pt")
-    return cfg, predictor, state
-
-
-def run_rules(cfg: Config) -> tuple[str, str]:
-    """The run's intensity rule and mask encoding (what predict applies, how masks are written)."""
-    return resolved_rules(cfg.data.dataset, cfg.data.intensity, cfg.data.label_encoding)
 
 
 def parse_class_map(text: str | None) -> dict[str, str] | None:

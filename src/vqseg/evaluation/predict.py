@@ -34,11 +34,10 @@ from vqseg.data.casefiles import (
 )
 from vqseg.data.nnunet import CHANNEL_FILE
 from vqseg.data.volumes import DataError
-from vqseg.engine.trainer import select_device
-from vqseg.evaluation.evaluate import load_run, run_rules
 from vqseg.inference import predict_probabilities, predict_volume
 from vqseg.models.pretrained import set_cache_writes
 from vqseg.progress import progress_bar
+from vqseg.run import load_run, run_rules, select_device
 
 
 def _input_files(inputs: list[Path]) -> list[Path]:
