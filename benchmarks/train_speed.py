@@ -26,29 +26,32 @@ REPO = Path(__file__).resolve().parents[1]
 
 _WORKER = r"""
 import json, sys, time, torch
+from unittest import mock
 from vqseg.config import load_config
 from vqseg.data import load_training_data
 from vqseg.engine.distributed import DistInfo
 from vqseg.engine.trainer import Streams, make_optimizer, optimization_step, peak_memory_mb
 from vqseg.run import build_run_method, select_device
-from vqseg.models.pretrained import frozen_encoders, install_bank
+from vqseg.models.pretrained import PyramidBackbone
 cfg = load_config(None, json.loads(sys.argv[1]))
 device = select_device(cfg.train.device)
 data = load_training_data(cfg)
 method = build_run_method(cfg, data.in_channels, data.num_classes).to(device)
-method.prepare(data)
-encoders = frozen_encoders(method)
-if encoders:  # a step's cost does not depend on the bank's values: zeros of the real shapes, no cache
-    levels = encoders[0].backbone(data.labeled.images[:1].to(device))
-    rows = len(data.labeled) + (len(data.unlabeled) if method.uses_unlabeled else 0)
-    install_bank(method, [torch.zeros(rows, *x.shape[1:]) for x in levels], device)
+
+
+def zeros(backbone, images, **kwargs):  # a step's cost does not depend on the bank's values: no cache
+    return [torch.zeros(len(images), c, s, s, dtype=torch.float16) for c, s in zip(backbone.out_channels, backbone.sides)]
+
+
+with mock.patch.object(PyramidBackbone, "cached", zeros):
+    method.prepare(data)
 method.train()
 params = [p for p in method.parameters() if p.requires_grad]
 optimizer = make_optimizer(cfg, method.parameter_groups())
 info = DistInfo()
 streams = Streams.for_rank(cfg, data, method.uses_unlabeled, info)
 def step(i):
-    optimization_step(method, optimizer, params, streams.next_batch(data, device), i, cfg.train.amp, info)
+    optimization_step(method, optimizer, params, streams.next_batch(data, method, device), i, cfg.train.amp, info)
     if device.type == "cuda":
         torch.cuda.synchronize()
 warmup, steps = int(sys.argv[2]), int(sys.argv[3])

@@ -33,7 +33,7 @@ from vqseg.evaluation.evaluate import evaluate_run
 from vqseg.inference import predict_probabilities, predict_volume, predict_volumes
 from vqseg.io import load_checkpoint
 from vqseg.methods.mean_teacher import MeanTeacher
-from vqseg.run import load_run
+from vqseg.run import build_run_method, load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -282,10 +282,12 @@ def test_streams_draw_each_set_from_its_own_sampler():
     data = load_training_data(cfg)
     info = DistInfo()
     streams = trainer.Streams.for_rank(cfg, data, True, info)
+    method = build_run_method(cfg, 1, 4)
+    method.prepare(data)
     lab = InfiniteSampler(len(data.labeled), 4, 3000)
     unl = InfiniteSampler(len(data.unlabeled), 2, 3500)
     for _ in range(3):
-        batch = streams.next_batch(data, torch.device("cpu"))
+        batch = streams.next_batch(data, method, torch.device("cpu"))
         li, ui = lab.next(), unl.next()
         assert torch.equal(batch.labeled_index, li) and torch.equal(batch.unlabeled_index, ui)
         assert torch.equal(batch.labeled, data.labeled.images[li])
@@ -302,9 +304,10 @@ def test_frozen_encoder_batches_name_their_feature_bank_rows():
     data = load_training_data(cfg)
     assert len(data.labeled) != len(data.unlabeled)
     streams = trainer.Streams.for_rank(cfg, data, True, DistInfo())
-    assert streams.unlabeled_row0 == len(data.labeled)
+    method = build_run_method(cfg, 1, 4)
+    method.prepare(data)  # the bank: what Method.training_inputs points into
     for _ in range(2):
-        batch = streams.next_batch(data, torch.device("cpu"))
+        batch = streams.next_batch(data, method, torch.device("cpu"))
         li, ui = batch.labeled_index, batch.unlabeled_index
         assert batch.labeled.shape[1] == batch.unlabeled.shape[1] == 1 + 4  # image + provenance channels
         assert torch.equal(batch.labeled[:, :1], data.labeled.images[li])

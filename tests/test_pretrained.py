@@ -29,7 +29,7 @@ from vqseg.evaluation.evaluate import evaluate_run
 from vqseg.inference import predict_volumes
 from vqseg.io import load_checkpoint, load_weights
 from vqseg.models import build_model
-from vqseg.models.pretrained import PretrainedEncoder, is_frozen, prepare_frozen_encoders
+from vqseg.models.pretrained import PretrainedEncoder, is_frozen
 from vqseg.modules import foundation
 from vqseg.modules.ema import ema_update, make_teacher
 from vqseg.run import build_run_method
@@ -455,9 +455,7 @@ def run_steps(cfg, steps: int) -> tuple[object, list, int]:
     torch.manual_seed(0)
     data = load_training_data(cfg)
     method = build_run_method(cfg, data.in_channels, data.num_classes)
-    method.prepare(data)
-    prepare_frozen_encoders(method, data, method.uses_unlabeled, cfg.train.image_size, cfg.eval.batch_size,
-                            torch.device("cpu"))
+    method.prepare(data)  # the frozen encoders' bank, as the trainer's set-up
     counters = [CountingBackbone(m) for m in method.modules() if isinstance(m, PretrainedEncoder)]
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, method.parameter_groups())
@@ -465,7 +463,7 @@ def run_steps(cfg, steps: int) -> tuple[object, list, int]:
     method.train()
     batches = []
     for step in range(steps):
-        batch = streams.next_batch(data, torch.device("cpu"))
+        batch = streams.next_batch(data, method, torch.device("cpu"))
         batches.append(batch)
         out = optimization_step(method, optimizer, params, batch, step, False, DistInfo())
         assert torch.isfinite(out.loss)

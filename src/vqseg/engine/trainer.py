@@ -22,7 +22,6 @@ import torch
 
 from vqseg.config import Config, ConfigError, UserError, resume_conflicts, save_config, to_dict
 from vqseg.data import DataError, SegmentationData, load_training_data, resolve_data_config, split_lists
-from vqseg.data.provenance import add_provenance
 from vqseg.engine.checkpoint import rng_state, set_rng_state
 from vqseg.engine.distributed import (
     DistInfo,
@@ -43,7 +42,6 @@ from vqseg.engine.sampler import InfiniteSampler
 from vqseg.inference import mean_dice, predict_volumes
 from vqseg.io import load_checkpoint, load_weights, replace_atomically, save_atomic
 from vqseg.methods.base import Batch, Method, StepOutput
-from vqseg.models.pretrained import is_frozen, prepare_frozen_encoders
 from vqseg.progress import progress_bar
 from vqseg.run import SPLIT_NAME, build_run_method, check_pinned_split, pin_split, select_device
 
@@ -77,9 +75,6 @@ class Streams:
 
     labeled: InfiniteSampler
     unlabeled: InfiniteSampler | None
-    # Frozen pretrained encoder: the feature-bank row of unlabelled slice 0 (labelled rows come
-    # first); batches then carry provenance channels. None: plain images.
-    unlabeled_row0: int | None = None
 
     @classmethod
     def for_rank(cls, cfg: Config, data: SegmentationData, uses_unlabeled: bool, info: DistInfo) -> Streams:
@@ -91,25 +86,22 @@ class Streams:
             InfiniteSampler(len(data.unlabeled), t.unlabeled_batch_size // info.world_size, seed + 500)
             if uses_unlabeled
             else None,
-            len(data.labeled) if is_frozen(cfg.model) else None,
         )
 
-    def next_batch(self, data: SegmentationData, device: torch.device) -> Batch:
+    def next_batch(self, data: SegmentationData, method: Method, device: torch.device) -> Batch:
+        """The next slices, as the method's networks take them (``Method.training_inputs``)."""
         li = self.labeled.next()
         batch = Batch(
-            labeled=self._images(data.labeled.images, li, 0, device),
+            labeled=method.training_inputs(data.labeled.images[li].to(device, non_blocking=True), li, "labeled"),
             labels=data.labeled.labels[li].to(device, non_blocking=True).long(),
             labeled_index=li,
         )
         if self.unlabeled is not None:
             ui = self.unlabeled.next()
-            batch.unlabeled = self._images(data.unlabeled.images, ui, self.unlabeled_row0 or 0, device)
+            images = data.unlabeled.images[ui].to(device, non_blocking=True)
+            batch.unlabeled = method.training_inputs(images, ui, "unlabeled")
             batch.unlabeled_index = ui
         return batch
-
-    def _images(self, images: torch.Tensor, index: torch.Tensor, row0: int, device: torch.device) -> torch.Tensor:
-        x = images[index].to(device, non_blocking=True)
-        return x if self.unlabeled_row0 is None else add_provenance(x, index + row0)
 
     def state_dict(self) -> dict:
         return {"labeled": self.labeled.state_dict(), **({"unlabeled": self.unlabeled.state_dict()} if self.unlabeled else {})}
@@ -270,8 +262,7 @@ def _train(
     if method_uses_unlabeled(cfg) and len(data.unlabeled) == 0:
         raise DataError(f"method {cfg.method.name} needs unlabelled images but the unlabelled training set is empty")
     method = build_run_method(cfg, data.in_channels, data.num_classes).to(device)
-    method.prepare(data)
-    prepare_frozen_encoders(method, data, method.uses_unlabeled, t.image_size, cfg.eval.batch_size, device)
+    method.prepare(data)  # e.g. a frozen encoder's feature bank, built from the cache
     broadcast_state(method, info)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, method.parameter_groups())
@@ -305,7 +296,7 @@ def _train(
     method.train()
     for step in range(start_step, t.iterations):
         tick = time.perf_counter()
-        batch = streams.next_batch(data, device)
+        batch = streams.next_batch(data, method, device)
         out = optimization_step(method, optimizer, params, batch, step, t.amp, info)
         scheduler.step()
         step_times.append(time.perf_counter() - tick)

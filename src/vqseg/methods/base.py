@@ -18,7 +18,10 @@ from torch.nn import functional as F
 
 from vqseg.config import Config, MethodConfig
 from vqseg.data.augment import Augmenter, mix
+from vqseg.data.provenance import add_provenance
+from vqseg.data.volumes import SegmentationData
 from vqseg.models import SegmentationModel
+from vqseg.models.pretrained import prepare_frozen_encoders
 from vqseg.modules.attach import FeatureTap, PDCRConfig, PDCRLayer, infer_channels, pdcr_total_loss
 from vqseg.registry import METHODS
 
@@ -97,8 +100,24 @@ class Method(nn.Module):
         """The network that validation and test use (the student unless a method says otherwise)."""
         return self.student
 
-    def prepare(self, data: "object") -> None:
-        """Hook run once before training with the in-memory data (e.g. to cache features)."""
+    def prepare(self, data: SegmentationData) -> None:
+        """Hook run once before training with the in-memory data: frozen pretrained encoders get
+        their feature bank (labelled rows, then unlabelled ones when the method uses them) and the
+        validation slices' features, all through the on-disk cache. Overrides call it first."""
+        cfg = self.cfg
+        device = next(self.parameters()).device
+        self._bank_rows = {"labeled": 0, "unlabeled": len(data.labeled)}
+        self._uses_bank = prepare_frozen_encoders(
+            self, data, self.uses_unlabeled, cfg.train.image_size, cfg.eval.batch_size, device
+        )
+
+    def training_inputs(self, images: Tensor, index: Tensor, split: str) -> Tensor:
+        """Training slices ``index`` of ``split`` as the networks take them: with a frozen encoder,
+        followed by provenance channels that point at their rows of the feature bank
+        (``data/provenance.py``); otherwise as they are."""
+        if not getattr(self, "_uses_bank", False):
+            return images
+        return add_provenance(images, index + self._bank_rows[split])
 
     def progress(self, step: int) -> float:
         return step / max(self.cfg.train.iterations, 1)

@@ -194,6 +194,7 @@ class VQSeg(Method):
     def prepare(self, data) -> None:
         """Load the frozen foundation model and get every training slice's features from the
         per-slice cache (a slice met before, in any labelled split or seed, is not encoded again)."""
+        super().prepare(data)
         p = self.params
         if not self.use_pfa:
             return

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from vqseg.config import Config, ConfigError, ModelConfig
 from vqseg.data.provenance import provenance_at, sample_bank, split_channels
+from vqseg.inference import model_inputs
 from vqseg.models import SegmentationModel
 from vqseg.models.dpt import DPTDecoder, ImageStem
 from vqseg.modules import foundation
@@ -380,13 +381,13 @@ def install_bank(module: nn.Module, levels: list[Tensor], device: torch.device) 
 def prepare_frozen_encoders(
     module: nn.Module, data: SegmentationData, uses_unlabeled: bool, image_size: int, eval_batch: int,
     device: torch.device,
-) -> None:
-    """Build the feature bank (labelled rows, then unlabelled rows when used: the order of
-    ``Streams``' provenance indices) and encode the validation slices, all through the cache."""
+) -> bool:
+    """Build the feature bank (labelled rows, then unlabelled rows when used: the order of the
+    provenance indices of ``Method.training_inputs``) and encode the validation slices, all through
+    the cache; False when ``module`` has no frozen encoder."""
     encoders = frozen_encoders(module)
     if not encoders:
-        return
-    from vqseg.inference import model_inputs
+        return False
 
     first = encoders[0]
     identities = {e.backbone.identity() for e in encoders}
@@ -398,4 +399,5 @@ def prepare_frozen_encoders(
     val = [x for volume in data.val for x in model_inputs(volume.image, image_size, eval_batch, device)]
     if val:
         first.cached(torch.cat(val), progress=True)
+    return True
 
