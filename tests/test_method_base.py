@@ -299,7 +299,8 @@ def test_parameter_groups_put_pretrained_backbones_at_encoder_lr(monkeypatch: py
     assert (rest["lr"], backbone["lr"]) == (0.03, 1e-4)
     trainable_encoder = {id(p) for p in encoder.parameters() if p.requires_grad}
     assert {id(p) for p in backbone["params"]} == trainable_encoder
-    assert {id(p) for p in rest["params"]} == {id(p) for p in method.student.decoder.parameters()}
+    head = [*method.student.decoder.parameters(), *method.student.head.parameters()]
+    assert {id(p) for p in rest["params"]} == {id(p) for p in head}
 
 
 def test_frozen_running_stats_restores_each_momentum_and_keeps_both_statistics() -> None:

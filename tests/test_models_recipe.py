@@ -25,7 +25,7 @@ from vqseg.data import load_training_data
 from vqseg.data.augment import Augmenter
 from vqseg.data.provenance import add_provenance
 from vqseg.inference import predict_volumes
-from vqseg.models import build_model
+from vqseg.models import Features, build_model
 from vqseg.models.dpt import DPTDecoder
 from vqseg.models.pretrained import (
     DINOv2Pyramid,
@@ -101,7 +101,7 @@ def unet_reference(f: Functional, x: Tensor, dropout: list[float]) -> Tensor:
         up = F.interpolate(f.conv(f"decoder.ups.{i}.reduce", y), size=skip.shape[-2:], mode="bilinear",
                            align_corners=True)
         y = block(f"decoder.ups.{i}.conv", torch.cat([skip, up], dim=1), 0.0)
-    return f.conv("decoder.head", y, padding=1)
+    return f.conv("head", y, padding=1)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -125,8 +125,9 @@ def test_unet_is_ssl4mis_unet(training: bool) -> None:
     assert got.shape == (2, 4, 32, 32)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     features = model.encode(x)
-    assert [t.shape[1] for t in features] == SSL4MIS_CHANNELS == model.feature_channels
-    assert [t.shape[-1] for t in features] == [32, 16, 8, 4, 2]
+    assert features.stem is None  # the U-Net's first block is a level (with its skip), not a stem
+    assert [t.shape[1] for t in features.levels] == SSL4MIS_CHANNELS == model.feature_channels
+    assert [t.shape[-1] for t in features.levels] == [32, 16, 8, 4, 2]
     assert model.reconstruction_channels == SSL4MIS_CHANNELS
 
 
@@ -181,7 +182,7 @@ def dpt_reference(f: Functional, features: list[Tensor], strides: tuple[int, ...
     coarse = F.interpolate(coarse, size=stem_half.shape[-2:], mode="bilinear", align_corners=False)
     fused = F.relu(f.bn("fuse.1", f.conv("fuse.0", torch.cat([coarse, stem_half], 1), padding=1, bias=False)))
     fused = F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False)
-    return f.conv("head", torch.cat([fused, stem], 1))
+    return torch.cat([fused, stem], 1)  # the model's head classifies it
 
 
 @pytest.mark.parametrize(
@@ -194,7 +195,7 @@ def test_dpt_head_is_the_recipe(size: tuple[int, int], grids: list[int], strides
     half-resolution stem, 1x1 classifier over [fused, stem] at the input size. With the neck read
     at stride 4 (``model.dpt_strides``: 4, 8, 16, 4), the whole fusion path runs at stride 4."""
     torch.manual_seed(0)
-    head = DPTDecoder([3, 5, 6, 7, 8], num_classes=4, features=8, strides=strides)
+    head = DPTDecoder([5, 6, 7, 8], stem_channels=3, features=8, strides=strides)
     randomise_norms(head)
     with torch.no_grad():  # non-zero biases everywhere (the defaults are small)
         for name, p in head.named_parameters():
@@ -205,8 +206,8 @@ def test_dpt_head_is_the_recipe(size: tuple[int, int], grids: list[int], strides
     features = [torch.randn(2, 3, *size, generator=gen)]
     features += [torch.randn(2, c, g, g, generator=gen) for c, g in zip([5, 6, 7, 8], grids)]
     with torch.no_grad():
-        got = head(features)
-    assert got.shape == (2, 4, *size)
+        got = head(Features(features[1:], features[0]))
+    assert got.shape == (2, 6, *size) and head.out_channels == 6  # [fused, stem] for the model's head
     expected = dpt_reference(Functional(head, False), features, strides)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     # UniMatch V2's widths (out_channels scaled by features): 1/2, 1, 2, 2
@@ -215,7 +216,7 @@ def test_dpt_head_is_the_recipe(size: tuple[int, int], grids: list[int], strides
 
 def test_dpt_head_refuses_other_pyramids() -> None:
     with pytest.raises(ValueError, match="4 pyramid levels"):
-        DPTDecoder([3, 5, 6, 7], num_classes=2)
+        DPTDecoder([5, 6, 7], stem_channels=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,21 +360,21 @@ def test_frozen_encoder_encodes_plain_images_in_eval_mode_through_float16(name: 
     assert not any(p.requires_grad for p in backbone.parameters())
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
     images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    levels = model.encode(images)
+    features = model.encode(images)
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in state.items())
     with torch.no_grad():
         expected = backbone.eval().levels(images)
-    assert len(levels) == 5 and levels[0].shape == (3, 4, 32, 32)
-    for got, want in zip(levels[1:], expected):
+    assert len(features.levels) == 4 and features.stem.shape == (3, 4, 32, 32)  # the stem is not a level
+    for got, want in zip(features.levels, expected, strict=True):
         assert got.dtype == torch.float32 and torch.equal(got.half().float(), got)  # stored in float16
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(levels[0], encoder.stem(images))  # the stem sees the image itself
+    torch.testing.assert_close(features.stem, encoder.stem(images))  # the stem sees the image itself
 
 
 def test_finetuned_encoder_runs_the_backbone_with_gradients() -> None:
     model = build_model(pretrained_config("litemedsam", "finetune").model, 1, 4).train()
     images = torch.rand(2, 1, 32, 32)
-    levels = model.encode(images)
+    levels = model.encode(images).levels
     assert all(level.requires_grad and level.dtype == torch.float32 for level in levels)
     levels[-1].sum().backward()
     assert all(p.grad is not None for p in model.encoder.backbone.net.neck.parameters())
@@ -388,7 +389,7 @@ def test_builds_share_the_backbone_but_not_the_head() -> None:
     sa, sb = a.encoder.backbone.state_dict(), b.encoder.backbone.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(a.encoder.stem[0].weight, b.encoder.stem[0].weight)
-    assert not torch.equal(a.decoder.head.weight, b.decoder.head.weight)
+    assert not torch.equal(a.head.weight, b.head.weight)
 
 
 @pytest.mark.parametrize("uses_unlabeled", [True, False])
@@ -420,13 +421,13 @@ def test_bank_rows_are_labelled_then_unlabelled_slices(uses_unlabeled: bool) -> 
     view = add_provenance(images[index], index)
     with torch.no_grad():
         looked_up = encoders[1](view)
-    for got, want in zip(looked_up[1:], expected):
+    for got, want in zip(looked_up.levels, expected, strict=True):
         torch.testing.assert_close(got, want[index].half().float(), atol=2e-3, rtol=0)
 
     shift = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).expand(len(view), 2, 3)  # by half the image
     with torch.no_grad():
         shifted = encoders[1](Augmenter.warp(view, shift))
-    for level in shifted[1:]:  # what comes from outside the source image reads zeros, like its pixels
+    for level in shifted.levels:  # what comes from outside the source image reads zeros, like its pixels
         half = level.shape[-1] // 2
         assert (level[..., half:] == 0).all() and (level[..., :half] != 0).any()
 
@@ -627,3 +628,56 @@ def test_litemedsam_checkpoint_loads_its_image_encoder_strictly(tmp_path: Path) 
     torch.save({"mask_decoder.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="image_encoder"):
         foundation.load_litemedsam(net, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder levels, the image stem and the head (issue 24)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_with_the_head_in_the_decoder_loads_into_the_head() -> None:
+    """Checkpoints written before the segmentation head was its own module name it decoder.head."""
+    model = build_model(ModelConfig(channels=[4, 8, 16, 32, 64], dropout=[0.0] * 5), 1, 3).eval()
+    old = {("decoder." + k if k.startswith("head.") else k): v.clone() for k, v in model.state_dict().items()}
+    fresh = build_model(ModelConfig(channels=[4, 8, 16, 32, 64], dropout=[0.0] * 5), 1, 3).eval()
+    fresh.load_state_dict(old)
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_unimatch_feature_dropout_leaves_a_pretrained_image_stem_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """UniMatch's feature-perturbation stream drops out the encoder's levels (UniMatch V2's DPT has no
+    stem); the stem's map reaches the decoder as the clean pass computed it."""
+    from vqseg.data import load_training_data
+    from vqseg.methods.base import Batch
+
+    cfg = pretrained_config("litemedsam", **{"method.name": "unimatch", "method.fp_dropout": 0.9})
+    data = load_training_data(cfg)
+    method = build_run_method(cfg, 1, 4)
+    method.prepare(data)
+    method.train()
+    decoded = []
+    decode = method.student.decode
+    monkeypatch.setattr(method.student, "decode", lambda f: decoded.append(f) or decode(f))
+    li, ui = torch.arange(2), torch.arange(3)
+    batch = Batch(method.training_inputs(data.labeled.images[li], li, "labeled"), data.labeled.labels[li].long(),
+                  method.training_inputs(data.unlabeled.images[ui], ui, "unlabeled"), li, ui)
+    method.training_step(batch, 0)
+    clean, perturbed = decoded[0], decoded[1]  # the clean pass over labelled + weak rows, then the fp stream
+    assert torch.equal(perturbed.stem, clean.stem[2:])
+    for dropped, level in zip(perturbed.levels, clean.levels[:], strict=True):
+        zero = (dropped.flatten(2) == 0).all(dim=2)
+        assert zero.float().mean() > 0.5  # whole channels dropped at rate 0.9
+        kept = ~zero
+        torch.testing.assert_close(dropped.flatten(2)[kept], level[2:].flatten(2)[kept] / 0.1)
+
+
+def test_vq_levels_count_encoder_levels_not_the_stem() -> None:
+    """method.vq_levels indexes the encoder's levels: 0 is a pretrained pyramid's first level (64
+    channels for LiteMedSAM's stage 1), -1 its neck."""
+    cfg = pretrained_config("litemedsam", **{"method.name": "vqseg", "method.foundation": "none",
+                                             "method.codebook_size": 16, "method.vq_levels": [0, -1]})
+    net = build_run_method(cfg, 1, 4).student
+    widths = net.base.feature_channels
+    assert len(widths) == 4 and net.levels == [0, 3]
+    assert net.quantizers["0"].center is not None and net.quantizers["0"].down.in_channels == widths[0]

@@ -100,22 +100,35 @@ class Call:
 
 
 class Recorder:
-    """Every encoder and decoder call of the method's networks (student, teacher, peer), in order."""
+    """Every encoder and decoder call of the method's networks (student, teacher, peer), in order:
+    the encoder's images and levels, and ``decode``'s levels and logits (decoder and head)."""
 
     def __init__(self, method: Method) -> None:
         self.calls: dict[tuple[str, str], list[Call]] = {}
-        for net in ("student", "teacher", "peer"):
-            if isinstance(getattr(method, net, None), torch.nn.Module):
-                for part in ("encoder", "decoder"):
-                    self.calls[net, part] = []
-                    getattr(getattr(method, net), part).register_forward_hook(self._hook(net, part))
+        for name in ("student", "teacher", "peer"):
+            net = getattr(method, name, None)
+            if isinstance(net, torch.nn.Module):
+                self.calls[name, "encoder"], self.calls[name, "decoder"] = [], []
+                net.encoder.register_forward_hook(self._encoder_hook(name))
+                net.decode = self._decode_spy(name, net)  # the instance's decode: forward calls it too
 
-    def _hook(self, net: str, part: str):
+    def _encoder_hook(self, name: str):
         def hook(module, inputs, output) -> None:
-            call = Call(_detached(inputs[0]), _detached(output), module.training, torch.is_grad_enabled())
-            self.calls[net, part].append(call)
+            call = Call(_detached(inputs[0]), _detached(output.levels), module.training, torch.is_grad_enabled())
+            self.calls[name, "encoder"].append(call)
 
         return hook
+
+    def _decode_spy(self, name: str, net: torch.nn.Module):
+        decode = net.decode
+
+        def spy(features):
+            logits = decode(features)
+            call = Call(_detached(features.levels), _detached(logits), net.decoder.training, torch.is_grad_enabled())
+            self.calls[name, "decoder"].append(call)
+            return logits
+
+        return spy
 
     def __call__(self, net: str, part: str) -> list[Call]:
         return self.calls.get((net, part), [])

@@ -131,7 +131,7 @@ def test_cps_each_network_learns_from_the_other(batch: Batch) -> None:
     + CE(f_2(u), argmax f_1(u))] with the argmax targets constants: both directions train."""
     method = build("cps", method__consistency=10.0, train__iterations=100)
     aug = AugSpy(method)
-    outputs_1, outputs_2 = keep_outputs(method.student.decoder), keep_outputs(method.peer.decoder)
+    outputs_1, outputs_2 = keep_outputs(method.student.head), keep_outputs(method.peer.head)
     out = method.training_step(batch, 50)
     (out_1,), (out_2,) = outputs_1, outputs_2
     (x_l, y_l, _), _ = aug.geometric
@@ -156,7 +156,7 @@ def test_unimatch_every_unlabelled_stream_trains_the_encoder(batch: Batch, monke
     """L_s1, L_s2 and L_fp (the decoder on the weak rows' dropped-out encoder features) each reach
     the encoder's weights: the perturbed features are not detached."""
     method = build("unimatch", method__conf_thresh=0.0)
-    decoded = keep_outputs(method.student.decoder)
+    decoded = keep_outputs(method.student.head)
     losses = []
     original = unimatch_module.dice_loss
 

@@ -81,14 +81,16 @@ def weights(module: torch.nn.Module) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,strides", [("litemedsam", [1, 4, 8, 16, 16]), ("dinov2", [1, 16, 16, 16, 16])])
+@pytest.mark.parametrize("name,strides", [("litemedsam", [4, 8, 16, 16]), ("dinov2", [16, 16, 16, 16])])
 @pytest.mark.parametrize("mode", MODES)
 def test_pyramid_shapes_and_logits(name: str, strides: list[int], mode: str) -> None:
-    """Stem first at full resolution, then the backbone's four levels, deepest last; logits at input size."""
+    """The backbone's four levels, deepest last, and beside them the stem at full resolution (not a
+    level); logits at input size."""
     model = build_model(pretrained_config(name, mode).model, 1, 4)
     features = model.encode(torch.rand(2, 1, 32, 32))
-    assert [f.shape[1] for f in features] == model.feature_channels
-    assert [32 // f.shape[-1] for f in features] == strides  # DINOv2 at 28 px input: a 2 x 2 patch grid
+    assert [f.shape[1] for f in features.levels] == model.feature_channels
+    assert [32 // f.shape[-1] for f in features.levels] == strides  # DINOv2 at 28 px input: a 2 x 2 patch grid
+    assert features.stem.shape == (2, 4, 32, 32)
     assert model.decode(features).shape == (2, 4, 32, 32)
     assert model(torch.rand(1, 1, 30, 35)).shape == (1, 4, 30, 35)  # odd sizes: the half-resolution fusion
 
@@ -136,8 +138,8 @@ def test_level_strides_pool_the_cached_maps_and_dpt_strides_keep_the_neck_fine()
     cache's own grid) and ``model.dpt_strides`` 4, 8, 16, 4 reads it there."""
     cfg = pretrained_config("litemedsam", **{"model.level_strides": [4, 8, 16, 4], "model.dpt_strides": [4, 8, 16, 4]})
     model = build_model(cfg.model, 1, 4)
-    levels = model.encode(torch.rand(2, 1, 32, 32))
-    assert [tuple(level.shape[-2:]) for level in levels] == [(32, 32), (8, 8), (4, 4), (2, 2), (8, 8)]
+    levels = model.encode(torch.rand(2, 1, 32, 32)).levels
+    assert [tuple(level.shape[-2:]) for level in levels] == [(8, 8), (4, 4), (2, 2), (8, 8)]
     assert model.decoder.path_strides == (4, 4, 4, 4)
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 4, 32, 32)
 
@@ -201,17 +203,23 @@ COMMITTED_RUN = Path(__file__).resolve().parents[1] / "results/pretrained_acdc_c
 @pytest.mark.skipif(not (COMMITTED_RUN / "best.pt").is_file(), reason="the committed results/ run is absent")
 def test_a_committed_checkpoint_from_before_issue_23_loads(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The best.pt files under results/ name the frozen encoder's weights by file name and size
-    and lack the VQ code table: they load strictly, with one note for each."""
+    and lack the VQ code table; they count the image stem as level 0 (the quantizer of the deepest
+    level is ``quantizers.4``) and keep the classifier in the decoder: they load strictly, each
+    weight where it belongs, with one note for each change."""
     monkeypatch.setattr(foundation, "_NOTED", set())
     state = load_checkpoint(COMMITTED_RUN / "best.pt")["predictor"]
-    assert "quantizers.4.vq.frozen_codebook" not in state
+    saved = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert "quantizers.4.vq.frozen_codebook" not in state and "base.decoder.head.weight" in state
     assert state["base.encoder.backbone_identity"].startswith("litemedsam|pyramid-v1|256|")
     predictor = build_run_method(load_config(COMMITTED_RUN / "config.yaml"), 1, 4).predictor()
     capsys.readouterr()
     load_weights(predictor, state, COMMITTED_RUN / "best.pt")
     notes = capsys.readouterr().err.splitlines()
-    assert len(notes) == 2
-    assert "content could not be verified" in notes[0] and "regenerated from seed 0" in notes[1]
+    assert len(notes) == 3
+    assert "stem as level 0" in notes[0] and "content could not be verified" in notes[1]
+    assert "regenerated from seed 0" in notes[2]
+    assert torch.equal(predictor.base.head.weight, saved["base.decoder.head.weight"])
+    assert torch.equal(predictor.quantizers["3"].vq.mapping.weight, saved["quantizers.4.vq.mapping.weight"])
 
 
 def test_finetuned_encoder_trains() -> None:
@@ -226,7 +234,7 @@ def test_real_litemedsam_pyramid_and_frozen() -> None:
     cfg = tiny_config(**{"model.name": "litemedsam", "train.image_size": 64, "model.decoder_features": 16})
     model = build_model(cfg.model, 1, 4)
     features = model.encode(torch.rand(1, 1, 64, 64))
-    assert [tuple(f.shape[1:]) for f in features[1:]] == [(64, 16, 16), (128, 8, 8), (160, 4, 4), (256, 4, 4)]
+    assert [tuple(f.shape[1:]) for f in features.levels] == [(64, 16, 16), (128, 8, 8), (160, 4, 4), (256, 4, 4)]
     check_stays_frozen(model)
 
 
@@ -247,7 +255,7 @@ def test_cache_hits_and_invalidation(cache_dir: Path) -> None:
     fresh_counter = CountingBackbone(encoder_of(fresh))
     again = fresh.encode(images)
     assert fresh_counter.count == 0
-    assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:]))
+    assert all(torch.equal(a, b) for a, b in zip(first.levels, again.levels))
 
     changed = images.clone()
     changed[1, 0, 5, 5] += 0.5
@@ -364,7 +372,7 @@ def test_vqseg_reconstruction_decodes_to_a_quarter_then_resizes() -> None:
                                                                  "method.foundation": "none"}), 1, 4)
     x = torch.rand(2, 1, 32, 32)
     features = method.student.base.encode(x)
-    assert method.student.recon_decoder(features[-1]).shape == (2, 1, 8, 8)
+    assert method.student.recon_decoder(features.levels[-1]).shape == (2, 1, 8, 8)
     assert method.student.run(x, reconstruct=True).recon.shape == x.shape
 
 

@@ -361,7 +361,7 @@ def spy_decoders(net, monkeypatch):
     decode = net.base.decode
 
     def spy(features):
-        seen.decode.append(list(features))
+        seen.decode.append(list(features.levels))
         return decode(features)
 
     monkeypatch.setattr(net.base, "decode", spy)
@@ -373,7 +373,7 @@ def test_vq_net_quantizes_each_level_and_decodes_the_quantized_maps(monkeypatch)
     net = tiny_net()
     seen = spy_decoders(net, monkeypatch)
     x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    features = net.base.encode(x)
+    features = net.base.encode(x).levels
     q2, q4 = net.quantizers["2"](features[2]), net.quantizers["4"](features[4])
     fwd = net.run(x, reconstruct=True)
     decoded, = seen.decode
@@ -397,7 +397,7 @@ def test_vq_net_dropout_drops_whole_quantized_channels_in_any_mode(monkeypatch):
     net = tiny_net().eval()
     seen = spy_decoders(net, monkeypatch)
     x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    features = net.base.encode(x)
+    features = net.base.encode(x).levels
     torch.manual_seed(2)
     fwd = net.run(x, dropout=0.5)
     decoded, = seen.decode

@@ -12,8 +12,9 @@ every encoder feature) and ``util/utils.py`` (Dice with an ignore mask).
 - L_s1, L_s2: two strong views of the same weak view, each with its own intensity draw and CutMix,
   against the pseudo-labels mixed by the same CutMix box. As in the UniMatch medical code these
   unlabelled terms are Dice only (with low-confidence pixels ignored), not CE + Dice.
-- L_fp: the decoder on the weak view's encoder features after Dropout2d(0.5), against the same
-  pseudo-labels.
+- L_fp: the decoder on the weak view's encoder levels after Dropout2d(0.5), against the same
+  pseudo-labels (a pretrained backbone's image stem is not an encoder level: UniMatch V2's DPT has
+  none, and it is left unperturbed).
 
 CutMix partners: UniMatch pastes from a second unlabelled batch whose pseudo-labels come from an
 extra eval-mode pass. Here each strong view pastes from another image of the same batch (the
@@ -80,7 +81,10 @@ class UniMatch(Method):
             features = self.student.encode(torch.cat([x_l, views1.weak]))
             logits_x, logits_w = self.student.decode(features).split([n_l, n_u])
         loss_pdcr, logs = labeled_pdcr(self, y_l, n_u, logits_w)
-        logits_fp = self.student.decode([F.dropout2d(f[n_l:], p.fp_dropout, training=True) for f in features])
+        unlabeled = features.rows(slice(n_l, None))  # the encoder's levels, not a pretrained image stem
+        logits_fp = self.student.decode(
+            unlabeled.with_levels([F.dropout2d(f, p.fp_dropout, training=True) for f in unlabeled.levels])
+        )
         logits_s1, logits_s2 = self.student(torch.cat([views1.strong, views2.strong])).chunk(2)
 
         pseudo, ignore = confident_labels(logits_w, p.conf_thresh)

@@ -1,7 +1,7 @@
-"""Segmentation networks as encoder/decoder pairs behind a small registry.
+"""Segmentation networks (encoder, decoder, head: ``models/base.py``) behind the model registry.
 
-A backbone registers a builder returning a :class:`SegmentationModel`; methods only rely on
-``encode`` (a list of feature maps, deepest last), ``decode`` and ``feature_channels``. Extra
+A backbone registers a builder returning a :class:`SegmentationModel` (``@MODELS.register``);
+importing this package registers the built-in ones (``unet``, ``litemedsam``, ``dinov2``). Extra
 heads are built by the methods from ``feature_channels`` (VQ-Seg's reconstruction branch decodes
 the bottleneck alone, which a backbone's skip-connected decoder could not do).
 """
@@ -11,37 +11,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from torch import Tensor, nn
+from torch import nn
 
 from vqseg.config import Config, ConfigError, ModelConfig
+from vqseg.models.base import Features, SegmentationHead, SegmentationModel
 from vqseg.models.unet import UNetDecoder, UNetEncoder
 from vqseg.registry import MODELS
 
-
-class SegmentationModel(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    @property
-    def feature_channels(self) -> list[int]:
-        return self.encoder.out_channels
-
-    @property
-    def reconstruction_channels(self) -> list[int]:
-        """Widths of a x2-per-stage decoder from the deepest map back up (VQ-Seg's reconstruction
-        branch, shallowest first): the encoder's, or fewer where it stops short of full resolution."""
-        return self.encoder.reconstruction_channels
-
-    def encode(self, x: Tensor) -> list[Tensor]:
-        return self.encoder(x)
-
-    def decode(self, features: list[Tensor]) -> Tensor:
-        return self.decoder(features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+__all__ = ["Features", "SegmentationHead", "SegmentationModel", "available_models", "build_model"]
 
 
 ModelBuilder = Callable[[ModelConfig, int, int], SegmentationModel]
@@ -69,7 +46,7 @@ def _check_unet(cfg: Config) -> None:
 @MODELS.register("unet", resolve=_check_unet)
 def _unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> SegmentationModel:
     encoder = UNetEncoder(in_channels, cfg.channels, cfg.dropout)
-    return SegmentationModel(encoder, UNetDecoder(cfg.channels, num_classes))
+    return SegmentationModel(encoder, UNetDecoder(cfg.channels), SegmentationHead(cfg.channels[0], num_classes, 3))
 
 
 @contextmanager

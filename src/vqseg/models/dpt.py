@@ -7,12 +7,12 @@ residual conv units each). Departures, to keep the costly layers at a quarter of
 resolution (the stem's two at a half, one at full) on a CPU: bilinear resampling instead of (transposed) strided convolutions,
 so one head serves any encoder stride (LiteMedSAM 4, DINOv2 14); and the quarter-resolution
 output is fused with an image stem so boundaries are not limited to the encoder's stride. The
-stem is one 3x3 conv on the image at full resolution; the head brings it to half resolution
-(strided 3x3), fuses it there with the upsampled DPT output (3x3), and only a 1x1 classifier over
-[fused map upsampled, stem] runs at full resolution: at 256 px, 3x3 convs at full resolution
-dominated the CPU step (benchmarks/pretrained_speed.py). The stem's map is the first
-(shallowest) level of the encoder's output list, so feature perturbations that act on every
-level act on it too.
+stem is one 3x3 conv on the image at full resolution; the decoder brings it to half resolution
+(strided 3x3), fuses it there with the upsampled DPT output (3x3), and returns [fused map
+upsampled, stem], so that only the model's 1x1 segmentation head runs at full resolution: at
+256 px, 3x3 convs at full resolution dominated the CPU step (benchmarks/pretrained_speed.py). The
+stem's map travels beside the encoder's levels (``Features.stem``): it is not a level, so feature
+perturbations and quantizers that act on levels leave it alone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from vqseg.models.base import Features
 
 DPT_STRIDES = (4, 8, 16, 32)
 
@@ -72,17 +74,16 @@ def _scaled(size: tuple[int, int], stride: int) -> tuple[int, int]:
 
 
 class DPTDecoder(nn.Module):
-    """[stem, level 1, ..., level 4] -> logits at the stem's (= the input's) size.
+    """Levels 1-4 and the image stem -> a ``2 * stem_channels`` map at the stem's (= the input's) size.
 
     ``strides``: where each level is reassembled (of the input; DPT's 4, 8, 16, 32 by default). The
     fusion path runs from level 4 to level 1 at the finest stride met so far, so a fine deep level
     (LiteMedSAM's neck kept at stride 4) is never pooled on the way.
     """
 
-    def __init__(self, channels: list[int], num_classes: int, features: int = 64,
+    def __init__(self, levels: list[int], stem_channels: int, features: int = 64,
                  strides: list[int] | tuple[int, ...] = DPT_STRIDES) -> None:
         super().__init__()
-        stem_channels, *levels = channels
         if len(levels) != len(DPT_STRIDES) or len(strides) != len(DPT_STRIDES):
             raise ValueError(f"the DPT head takes {len(DPT_STRIDES)} pyramid levels and strides, got {len(levels)}")
         self.strides = tuple(strides)
@@ -96,10 +97,10 @@ class DPTDecoder(nn.Module):
         self.output_conv = nn.Sequential(nn.Conv2d(features, half, 3, padding=1), nn.ReLU(inplace=True))
         self.stem_down = ConvBNReLU(stem_channels, stem_channels, stride=2)
         self.fuse = ConvBNReLU(half + stem_channels, stem_channels)
-        self.head = nn.Conv2d(2 * stem_channels, num_classes, 1)
+        self.out_channels = 2 * stem_channels
 
-    def forward(self, features: list[Tensor]) -> Tensor:
-        stem, *levels = features
+    def forward(self, features: Features) -> Tensor:
+        stem, levels = features.stem, features.levels
         size = tuple(stem.shape[-2:])
         sizes = [_scaled(size, stride) for stride in self.strides]
         paths = [_scaled(size, stride) for stride in self.path_strides]
@@ -115,4 +116,4 @@ class DPTDecoder(nn.Module):
         coarse = F.interpolate(self.output_conv(path), size=stem_half.shape[-2:], mode="bilinear", align_corners=False)
         fused = self.fuse(torch.cat([coarse, stem_half], dim=1))
         fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
-        return self.head(torch.cat([fused, stem], dim=1))
+        return torch.cat([fused, stem], dim=1)

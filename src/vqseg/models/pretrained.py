@@ -24,7 +24,8 @@ Pyramids (``timm`` ``features_only`` style, shallowest first):
 - ``dinov2``: blocks 2, 5, 8 and 11 (384 channels each, final norm) on the 14-pixel patch grid,
   as UniMatch V2's DPT takes them.
 
-The model's encoder returns ``[stem, level 1, ..., level 4]``: the image stem first (see ``dpt``).
+The model's encoder returns levels 1-4 and, beside them, the image stem's full-resolution map
+(``Features``; see ``dpt``): the stem is not a level.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch.nn import functional as F
 from vqseg.config import Config, ConfigError, ModelConfig
 from vqseg.data.provenance import provenance_at, sample_bank, split_channels
 from vqseg.inference import model_inputs
-from vqseg.models import SegmentationModel
+from vqseg.models.base import Features, SegmentationHead, SegmentationModel
 from vqseg.models.dpt import DPTDecoder, ImageStem
 from vqseg.modules import foundation
 from vqseg.registry import MODELS
@@ -224,7 +225,8 @@ class PretrainedEncoder(nn.Module):
         self.image_channels = in_channels
         self.frozen = frozen
         self.store = FrozenFeatures()
-        self.out_channels = [stem_channels, *backbone.out_channels]
+        self.stem_channels = stem_channels
+        self.out_channels = list(backbone.out_channels)
         # VQ-Seg's reconstruction: two x2 stages from the deepest map (about 1/4 of the input for
         # LiteMedSAM), then upsampled; further stages at 1/2 and 1 would cost more than the head.
         self.reconstruction_channels = backbone.out_channels[-3:]
@@ -245,7 +247,7 @@ class PretrainedEncoder(nn.Module):
         """The frozen backbone's pyramid of plain images, through the memo and the on-disk cache (float16, CPU)."""
         return self.backbone.cached(images, memo=self.store.memo, write=self.store.write_cache, progress=progress)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor) -> Features:
         image, provenance = split_channels(x, self.image_channels)
         stem = self.stem(image.contiguous(memory_format=torch.channels_last))  # see `channels_last`
         if provenance is not None:
@@ -254,7 +256,7 @@ class PretrainedEncoder(nn.Module):
             levels = [level.to(image.device, torch.float32) for level in self.cached(image)]
         else:
             levels = self.backbone.levels(image)
-        return [stem, *(level.contiguous(memory_format=torch.channels_last) for level in levels)]
+        return Features([level.contiguous(memory_format=torch.channels_last) for level in levels], stem)
 
     def _look_up(self, provenance: Tensor) -> list[Tensor]:
         if not self.frozen or self.store.bank is None:
@@ -327,9 +329,8 @@ def _build(name: str, cfg: ModelConfig, in_channels: int, num_classes: int) -> S
         else:
             backbone = DINOv2Pyramid(cfg.encoder_input, weights, cfg.encoder_precision)
     encoder = PretrainedEncoder(backbone, in_channels, cfg.stem_channels, cfg.encoder_mode == "frozen")
-    return SegmentationModel(
-        encoder, DPTDecoder(encoder.out_channels, num_classes, cfg.decoder_features, cfg.dpt_strides)
-    )
+    decoder = DPTDecoder(encoder.out_channels, cfg.stem_channels, cfg.decoder_features, cfg.dpt_strides)
+    return SegmentationModel(encoder, decoder, SegmentationHead(decoder.out_channels, num_classes))
 
 
 @MODELS.register("litemedsam", resolve=resolve_encoder_input)

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vqseg.models.base import Features
+
 
 class ConvBlock(nn.Sequential):
     """Two 3x3 convolutions with batch norm and LeakyReLU, dropout between them (SSL4MIS)."""
@@ -27,6 +29,8 @@ class ConvBlock(nn.Sequential):
 
 
 class UNetEncoder(nn.Module):
+    """Five levels, the first at full resolution (the U-Net's first block is a level with a skip)."""
+
     def __init__(self, in_channels: int, channels: list[int], dropout: list[float]) -> None:
         super().__init__()
         if len(channels) != len(dropout):
@@ -39,11 +43,11 @@ class UNetEncoder(nn.Module):
             for c_in, c_out, p in zip(channels[:-1], channels[1:], dropout[1:])
         )
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        features = [self.stem(x)]
+    def forward(self, x: Tensor) -> Features:
+        levels = [self.stem(x)]
         for down in self.downs:
-            features.append(down(features[-1]))
-        return features
+            levels.append(down(levels[-1]))
+        return Features(levels)
 
 
 class UpBlock(nn.Module):
@@ -60,14 +64,17 @@ class UpBlock(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    def __init__(self, channels: list[int], out_channels: int) -> None:
+    """Up from the deepest level, concatenating each shallower one; ``channels[0]`` wide at full
+    resolution (SSL4MIS's 3x3 classifier is the model's head)."""
+
+    def __init__(self, channels: list[int]) -> None:
         super().__init__()
         rev = channels[::-1]
         self.ups = nn.ModuleList(UpBlock(rev[i], rev[i + 1], rev[i + 1]) for i in range(len(rev) - 1))
-        self.head = nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1)
 
-    def forward(self, features: list[Tensor]) -> Tensor:
-        x = features[-1]
-        for up, skip in zip(self.ups, reversed(features[:-1])):
+    def forward(self, features: Features) -> Tensor:
+        levels = features.levels
+        x = levels[-1]
+        for up, skip in zip(self.ups, reversed(levels[:-1])):
             x = up(x, skip)
-        return self.head(x)
+        return x

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from vqseg.config import ConfigError
 from vqseg.models import SegmentationModel
+from vqseg.models.pretrained import PretrainedEncoder
+from vqseg.modules.foundation import note_once
 from vqseg.modules.qpm import jump_stats
 from vqseg.modules.vq import VectorQuantizer, VQOutput
 
@@ -111,24 +113,43 @@ class VQSegNet(nn.Module):
             for level in self.levels
         })
         self.recon_decoder = BottleneckDecoder(base.reconstruction_channels, in_channels) if reconstruct else None
+        self._register_load_state_dict_pre_hook(self._quantizers_of_older_checkpoints)
+
+    def _quantizers_of_older_checkpoints(self, state: dict, prefix: str, *_: object) -> None:
+        """A pretrained backbone's image stem used to be its level 0, so an older checkpoint names
+        the quantizer of level k ``quantizers.<k + 1>`` (its deepest: 4 where it is now 3)."""
+        if not any(isinstance(m, PretrainedEncoder) for m in self.base.modules()):
+            return
+        own = prefix + "quantizers."
+        if any(k.startswith(f"{own}{level}.") for k in state for level in self.levels):
+            return
+        renamed = {}
+        for key in [k for k in state if k.startswith(own)]:
+            index, rest = key[len(own):].split(".", 1)
+            renamed[f"{own}{int(index) - 1}.{rest}"] = state.pop(key)
+        if renamed:
+            state.update(renamed)
+            note_once("vqseg: an older VQ-Seg checkpoint counted the image stem as level 0; its quantizers "
+                      "are read one level lower (same weights)")
 
     def run(
         self, x: Tensor, perturb: Perturb | None = None, dropout: float = 0.0, reconstruct: bool = False
     ) -> VQForward:
         features = self.base.encode(x)
-        vq_loss, perplexity, post_vq = x.new_zeros(()), x.new_zeros(()), features[-1]
+        levels = list(features.levels)
+        vq_loss, perplexity, post_vq = x.new_zeros(()), x.new_zeros(()), levels[-1]
         codes: dict[str, VQOutput] = {}
         for level in self.levels:
-            out = self.quantizers[str(level)](features[level], perturb=perturb)
+            out = self.quantizers[str(level)](levels[level], perturb=perturb)
             codes[str(level)] = out
             vq_loss = vq_loss + out.loss
             perplexity = perplexity + out.perplexity / len(self.levels)
             post_vq = out.quantized
-            features[level] = F.dropout2d(out.quantized, dropout, training=True) if dropout > 0 else out.quantized
+            levels[level] = F.dropout2d(out.quantized, dropout, training=True) if dropout > 0 else out.quantized
         recon = None
         if reconstruct and self.recon_decoder is not None:
-            recon = F.interpolate(self.recon_decoder(features[-1]), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return VQForward(self.base.decode(features), post_vq, vq_loss, perplexity, recon, codes)
+            recon = F.interpolate(self.recon_decoder(levels[-1]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return VQForward(self.base.decode(features.with_levels(levels)), post_vq, vq_loss, perplexity, recon, codes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x).logits
