@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vqseg.data.volumes import Volume, resize_images
+from vqseg.metrics import dice
 
 
 def model_inputs(image: np.ndarray, size: int, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -72,8 +73,6 @@ def predict_volumes(
 
 def mean_dice(predictions: list[np.ndarray], volumes: list[Volume], num_classes: int) -> float:
     """Validation score for checkpoint selection: 3D Dice per class, mean over cases and classes."""
-    from vqseg.metrics import dice
-
     per_case = [
         np.mean([dice(pred == c, vol.label == c) for c in range(1, num_classes)])
         for pred, vol in zip(predictions, volumes)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vqseg.config import UserError
+from vqseg.errors import UserError
 
 
 class CheckpointError(UserError):

@@ -18,6 +18,7 @@ from vqseg.io import load_checkpoint, load_weights, replace_atomically
 from vqseg.methods import Method, build_method
 from vqseg.models import build_model
 from vqseg.models.pretrained import channels_last
+from vqseg.modules.attach import insert_uafs
 
 # The case lists the run was trained and is scored on (nnU-Net keeps splits_final.json for this).
 SPLIT_NAME = "split.json"
@@ -39,8 +40,6 @@ def build_network(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.M
     """The configured backbone, with UAFS blocks inserted after the named layers if any."""
     model = build_model(cfg.model, in_channels, num_classes)
     if cfg.model.uafs_layers:
-        from vqseg.modules.attach import insert_uafs
-
         example = torch.zeros(2, in_channels, cfg.train.image_size, cfg.train.image_size)
         insert_uafs(model, cfg.model.uafs_layers, example_input=example)
     return model

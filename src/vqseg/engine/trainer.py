@@ -41,6 +41,7 @@ from vqseg.engine.run_dir import (
 from vqseg.engine.sampler import InfiniteSampler
 from vqseg.inference import mean_dice, predict_volumes
 from vqseg.io import load_checkpoint, load_weights, replace_atomically, save_atomic
+from vqseg.methods import method_class
 from vqseg.methods.base import Batch, Method, StepOutput
 from vqseg.progress import progress_bar
 from vqseg.run import SPLIT_NAME, build_run_method, check_pinned_split, pin_split, select_device
@@ -360,8 +361,6 @@ def _train(
 
 
 def method_uses_unlabeled(cfg: Config) -> bool:
-    from vqseg.methods import method_class
-
     return method_class(cfg.method.name).uses_unlabeled
 
 

@@ -20,7 +20,7 @@ from vqseg.config import Config, MethodConfig
 from vqseg.data.augment import Augmenter, mix
 from vqseg.data.provenance import add_provenance
 from vqseg.data.volumes import SegmentationData
-from vqseg.models import SegmentationModel
+from vqseg.models import SegmentationModel, pretrained
 from vqseg.models.pretrained import prepare_frozen_encoders
 from vqseg.modules.attach import FeatureTap, PDCRConfig, PDCRLayer, infer_channels, pdcr_total_loss
 from vqseg.registry import METHODS
@@ -86,9 +86,7 @@ class Method(nn.Module):
     def parameter_groups(self) -> list[dict]:
         """Optimiser groups: trainable pretrained-backbone weights (fine-tuning) at ``train.encoder_lr``,
         everything else at ``train.lr``; a group left empty is dropped."""
-        from vqseg.models.pretrained import pretrained_backbones
-
-        backbone = {id(p) for m in pretrained_backbones(self) for p in m.parameters()}
+        backbone = {id(p) for m in pretrained.pretrained_backbones(self) for p in m.parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in trainable if id(p) not in backbone], "lr": self.cfg.train.lr},

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from vqseg.config import MethodConfig, check_range
 from vqseg.methods.base import Batch, Method, StepOutput, labeled_pdcr, seg_loss, sigmoid_rampup
+from vqseg.models import pretrained
 from vqseg.registry import METHODS
 
 
@@ -39,11 +40,9 @@ class CPSConfig(MethodConfig):
 def init_conv_weights(model: nn.Module, init: Callable[[Tensor], Tensor]) -> None:
     """SSL4MIS's two initialisations: ``init`` on every Conv2d weight, batch norm to identity;
     a pretrained backbone keeps its weights (only the head and stem differ between the two networks)."""
-    from vqseg.models.pretrained import pretrained_backbones
-
-    pretrained = {id(m) for backbone in pretrained_backbones(model) for m in backbone.modules()}
+    kept = {id(m) for backbone in pretrained.pretrained_backbones(model) for m in backbone.modules()}
     for m in model.modules():
-        if id(m) in pretrained:
+        if id(m) in kept:
             continue
         if isinstance(m, nn.Conv2d):
             init(m.weight)

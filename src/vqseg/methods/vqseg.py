@@ -58,6 +58,7 @@ from vqseg.methods.base import (
 )
 from vqseg.models import frozen_running_stats
 from vqseg.models.vq_net import VQSegNet
+from vqseg.modules import foundation, pfa
 from vqseg.modules.ema import ema_update, make_teacher
 from vqseg.modules.qpm import DEFAULT_TEMPERATURE, QPM
 from vqseg.registry import METHODS
@@ -198,21 +199,18 @@ class VQSeg(Method):
         p = self.params
         if not self.use_pfa:
             return
-        from vqseg.modules.foundation import build_foundation, cached_slice_features
-        from vqseg.modules.pfa import PostVQAdapter
-
-        encoder = build_foundation(p.foundation, p.foundation_weights or None, p.foundation_input or None)
+        encoder = foundation.build_foundation(p.foundation, p.foundation_weights or None, p.foundation_input or None)
         root = resolve_path(p.foundation_cache) if p.foundation_cache else None
         device = next(self.student.parameters()).device
         self._cache = {
-            which: cached_slice_features(
+            which: foundation.cached_slice_features(
                 lambda x: [encoder(x)], encoder.cache_key(), f"pfa-{encoder.name}", images,
                 shapes=[(encoder.dim, *encoder.grid)], root=root, progress=True,
             )[0].to(device)
             for which, images in (("labeled", data.labeled.images), ("unlabeled", data.unlabeled.images))
         }
         deepest = self.student.base.feature_channels[self.student.levels[-1]]
-        self.adapter = PostVQAdapter(deepest, encoder.dim, encoder.grid).to(device)
+        self.adapter = pfa.PostVQAdapter(deepest, encoder.dim, encoder.grid).to(device)
 
     def predictor(self) -> nn.Module:
         return self.teacher if self.params.eval_teacher else self.student
@@ -278,13 +276,11 @@ class VQSeg(Method):
             loss = loss + p.lambda_rec * loss_rec
             logs["loss_rec"] = loss_rec.detach()
         if self.use_pfa:
-            from vqseg.modules.pfa import patch_infonce
-
             (target_l, valid_l), (target_u, valid_u) = (
                 self._aligned_targets("labeled", batch.labeled_index, theta_l),
                 self._aligned_targets("unlabeled", batch.unlabeled_index, views.theta),
             )
-            loss_align = patch_infonce(self.adapter(clean.post_vq), torch.cat([target_l, target_u]), p.pfa_tau,
+            loss_align = pfa.patch_infonce(self.adapter(clean.post_vq), torch.cat([target_l, target_u]), p.pfa_tau,
                                        p.pfa_samples, valid=torch.cat([valid_l, valid_u]))
             loss = loss + p.lambda_align * loss_align
             logs["loss_align"] = loss_align.detach()
