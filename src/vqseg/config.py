@@ -96,6 +96,9 @@ class ModelConfig:
     stem_channels: int = 16  # image stem width (one 3x3 conv at full resolution, fused at half)
     encoder_precision: str = "fp32"  # fp32 | bf16: what a pretrained encoder computes in (cached features too)
     level_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 16])  # LiteMedSAM's pyramid, of the input
+    # unet3d (nnU-Net's generic 3D U-Net), one entry per stage below the first (from the plan when empty):
+    pool: list[list[int]] = field(default_factory=list)  # per-axis downsampling, e.g. [1, 2, 2] keeps depth
+    kernels: list[list[int]] = field(default_factory=list)  # per-axis kernel of every stage, first included
     dpt_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # where the DPT head reads each level
     tiny: bool = False  # tests only: a narrow, shallow encoder with fixed random weights
 
@@ -208,9 +211,18 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # 0 = torch default
     encoder_lr: float = 5e-6  # a fine-tuned pretrained encoder's lr (UniMatch V2 / VQ-Seg: 5e-6, rest 2e-4)
+    # Patch training (issue 25): empty = resize mode (every slice resized to image_size, as the
+    # published 2D protocol); 2 values = 2D patches at the data's own resolution; 3 values = 3D patches.
+    patch_size: list[int] = field(default_factory=list)
+    foreground_oversample: float = 0.33  # share of patches forced to hold foreground (nnU-Net's)
 
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        if self.patch_size and len(self.patch_size) not in (2, 3):
+            raise ConfigError(f"train.patch_size={self.patch_size}: give 2 (2D) or 3 (3D) sizes, or none")
+        for i, size in enumerate(self.patch_size):
+            check_range(f"train.patch_size[{i}]", size, 1)
+        check_range("train.foreground_oversample", self.foreground_oversample, 0, 1)
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         for key in ("iterations", "image_size", "batch_size", "unlabeled_batch_size", "val_every", "log_every"):
             check_range(f"train.{key}", getattr(self, key), 1)
@@ -224,11 +236,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 32
+    batch_size: int = 32  # slices (resize mode) or windows (patch mode) per forward pass
     spacing: list[float] | None = None  # None = voxel units, as the published numbers
+    overlap: float = 0.5  # patch mode: sliding windows overlap by this share of the patch
+    mirror: bool = False  # patch mode: average the predictions of the windows mirrored along every axis
 
     def __post_init__(self) -> None:
         check_range("eval.batch_size", self.batch_size, 1)
+        check_range("eval.overlap", self.overlap, 0, 1, high_open=True)
         for i, value in enumerate(self.spacing or []):
             check_range(f"eval.spacing[{i}]", value, 0, low_open=True)
 
