@@ -1,13 +1,16 @@
-"""Slice-by-slice prediction of whole cases, as in the ACDC protocol.
+"""Prediction of whole cases: slice by slice resized (resize mode), or by sliding windows (patch mode).
 
-Slices are resized to the training size (bilinear), predicted in batches, and the class
-probabilities (not the labels) are resized back to the native grid before the argmax, so no
-nearest-neighbour staircase is introduced at the original resolution.
+Resize mode, as in the ACDC protocol: slices are resized to the training size (bilinear), predicted
+in batches, and the class probabilities (not the labels) are resized back to the native grid before
+the argmax, so no nearest-neighbour staircase is introduced at the original resolution.
+
+Patch mode (issue 25): the model was trained on patches at the data's own resolution and sees the
+case through windows of that size (``vqseg.sliding_window``), nothing resized.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 
 from vqseg.data.volumes import Volume, resize_images
 from vqseg.metrics import dice
+from vqseg.sliding_window import sliding_window_labels
 
 
 def model_inputs(image: np.ndarray, size: int, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -58,6 +62,35 @@ def predict_probabilities(
     (``predict --probabilities``); labels alone come from ``predict_volume``, chunk by chunk.
     """
     return torch.cat([probs.cpu() for probs in _probabilities(model, image, size, batch_size, device, amp)]).numpy()
+
+
+def predict_volume_windows(
+    model: nn.Module,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    overlap: float = 0.5,
+    mirror: bool = False,
+    amp: bool = False,
+) -> np.ndarray:
+    """``image`` D x C x H x W -> labels D x H x W (uint8) by sliding windows of ``patch_size`` (patch mode).
+
+    Three sizes (D, H, W): a 3D model, the case one C x D x H x W volume streamed along D, so its
+    class probabilities are never held whole. Two sizes (H, W): a 2D model, each slice its own
+    C x H x W image. ``batch_size`` windows per forward pass; ``overlap``, ``mirror`` as in
+    ``sliding_window_labels``. The caller puts the model in eval mode, as for ``predict_volume``.
+    """
+
+    def labels(x: torch.Tensor) -> torch.Tensor:
+        return sliding_window_labels(
+            model, x, patch_size, batch_size=batch_size, overlap=overlap, mirror=mirror, device=device, amp=amp
+        )
+
+    if len(patch_size) == 3:
+        return labels(torch.from_numpy(np.ascontiguousarray(image.transpose(1, 0, 2, 3), dtype=np.float32))).numpy()
+    slices = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    return torch.stack([labels(s) for s in slices]).numpy()
 
 
 def predict_volumes(
