@@ -73,3 +73,4 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
 
 # Registers litemedsam and dinov2 (imported last: it builds on what is above).
 from vqseg.models import pretrained as _pretrained  # noqa: E402,F401
+from vqseg.models import unet3d as _unet3d  # noqa: E402,F401  (registers unet3d)

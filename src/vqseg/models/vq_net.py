@@ -5,6 +5,11 @@ the quantized maps. Perturbation (QPM on code indices, or plain feature dropout 
 comparison) is applied to the quantized maps only when the caller asks, i.e. on the student's
 unlabelled pass. An optional reconstruction branch decodes the image from the post-VQ bottleneck
 alone: with U-Net skips available it could copy the input from the first skip and learn nothing.
+
+2D or 3D like the backbone: a 3D backbone (``models/unet3d.py``, its head a Conv3d) gets 3D
+quantizer convs and reconstruction branch, and the codebook quantizes the tokens of its 3D
+bottleneck; an encoder whose levels do not halve every axis (anisotropic pooling) lists each
+level's per-axis factors as ``reconstruction_scales`` for the reconstruction branch to undo.
 """
 
 from __future__ import annotations
@@ -36,21 +41,40 @@ class VQForward:
     codes: dict[str, VQOutput] = field(default_factory=dict)  # per quantized level, for monitoring
 
 
-class BottleneckDecoder(nn.Sequential):
-    """Upsample x2 + conv-BN-LeakyReLU per level, then a 3x3 conv to the image channels (the caller
-    resizes the output to the image)."""
+def _conv_and_norm(dims: int) -> tuple[type[nn.Module], type[nn.Module]]:
+    """The convolution and batch norm of 2D or 3D maps."""
+    if dims not in (2, 3):
+        raise ValueError(f"only 2D and 3D maps are supported, got {dims} spatial axes")
+    return (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
 
-    def __init__(self, channels: list[int], out_channels: int) -> None:
+
+class BottleneckDecoder(nn.Sequential):
+    """Upsample + conv-BN-LeakyReLU per level, then a 3x3 (3x3x3) conv to the image channels (the
+    caller resizes the output to the image).
+
+    Each level upsamples x2 on every axis unless ``scales`` gives its per-axis factors (shallowest
+    first, like ``channels``: ``scales[i]`` takes level i + 1 to level i), e.g. [1, 2, 2] where a
+    3D encoder kept the depth.
+    """
+
+    def __init__(
+        self, channels: list[int], out_channels: int, dims: int = 2, scales: list[list[int]] | None = None
+    ) -> None:
+        scales = scales or [[2] * dims] * (len(channels) - 1)
+        if len(scales) != len(channels) - 1 or any(len(scale) != dims for scale in scales):
+            raise ValueError(f"scales={scales}: give {len(channels) - 1} factors of {dims} axes, one per upsampling")
+        conv, norm = _conv_and_norm(dims)
+        mode = "bilinear" if dims == 2 else "trilinear"
         layers: list[nn.Module] = []
         rev = channels[::-1]
-        for c_in, c_out in zip(rev[:-1], rev[1:]):
+        for c_in, c_out, scale in zip(rev[:-1], rev[1:], scales[::-1]):
             layers += [
-                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                nn.Conv2d(c_in, c_out, 3, padding=1),
-                nn.BatchNorm2d(c_out),
+                nn.Upsample(scale_factor=tuple(scale), mode=mode, align_corners=False),
+                conv(c_in, c_out, 3, padding=1),
+                norm(c_out),
                 nn.LeakyReLU(),
             ]
-        layers.append(nn.Conv2d(channels[0], out_channels, 3, padding=1))
+        layers.append(conv(channels[0], out_channels, 3, padding=1))
         super().__init__(*layers)
 
 
@@ -63,18 +87,26 @@ class FactorizedQuantizer(nn.Module):
     """
 
     def __init__(
-        self, channels: int, code_dim: int, codebook_size: int, beta: float, cosine: bool, center: bool = False
+        self,
+        channels: int,
+        code_dim: int,
+        codebook_size: int,
+        beta: float,
+        cosine: bool,
+        center: bool = False,
+        dims: int = 2,
     ) -> None:
         super().__init__()
         width = code_dim or channels
+        conv, norm = _conv_and_norm(dims)
         # ``center``: a frozen encoder's features share one dominant direction (LiteMedSAM's neck:
         # mean pairwise cosine 0.58 over ACDC tokens, 0.001 once centred), the tokens crowd onto few
         # codes and, with nothing before the lookup able to spread them, the codebook collapsed to
         # ~2 codes in training; standardising each channel first (running statistics at
         # evaluation) removes that direction (benchmarks/frozen_feature_direction.py).
-        self.center = nn.BatchNorm2d(channels, affine=False) if center else nn.Identity()
-        self.down = nn.Conv2d(channels, width, 1) if code_dim else nn.Identity()
-        self.up = nn.Conv2d(width, channels, 1) if code_dim else nn.Identity()
+        self.center = norm(channels, affine=False) if center else nn.Identity()
+        self.down = conv(channels, width, 1) if code_dim else nn.Identity()
+        self.up = conv(width, channels, 1) if code_dim else nn.Identity()
         self.vq = VectorQuantizer(width, codebook_size, beta, cosine=cosine)
 
     def forward(self, z: Tensor, perturb: Perturb | None = None) -> VQOutput:
@@ -108,11 +140,15 @@ class VQSegNet(nn.Module):
         if not all(-depth <= level < depth for level in levels):
             raise ConfigError(f"method.vq_levels={levels}: this backbone has levels 0..{depth - 1} (or -{depth}..-1)")
         self.levels = sorted({level % depth for level in levels})
+        dims = len(base.head.kernel_size)  # the head is a Conv2d or Conv3d: one size per spatial axis
         self.quantizers = nn.ModuleDict({
-            str(level): FactorizedQuantizer(channels[level], code_dim, codebook_size, beta, cosine, center)
+            str(level): FactorizedQuantizer(channels[level], code_dim, codebook_size, beta, cosine, center, dims)
             for level in self.levels
         })
-        self.recon_decoder = BottleneckDecoder(base.reconstruction_channels, in_channels) if reconstruct else None
+        self.recon_decoder = None
+        if reconstruct:
+            scales = getattr(base.encoder, "reconstruction_scales", None)  # None: x2 per axis and level
+            self.recon_decoder = BottleneckDecoder(base.reconstruction_channels, in_channels, dims, scales)
         self._register_load_state_dict_pre_hook(self._quantizers_of_older_checkpoints)
 
     def _quantizers_of_older_checkpoints(self, state: dict, prefix: str, *_: object) -> None:
@@ -145,10 +181,11 @@ class VQSegNet(nn.Module):
             vq_loss = vq_loss + out.loss
             perplexity = perplexity + out.perplexity / len(self.levels)
             post_vq = out.quantized
-            levels[level] = F.dropout2d(out.quantized, dropout, training=True) if dropout > 0 else out.quantized
+            levels[level] = _channel_dropout(out.quantized, dropout) if dropout > 0 else out.quantized
         recon = None
         if reconstruct and self.recon_decoder is not None:
-            recon = F.interpolate(self.recon_decoder(levels[-1]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            mode = "bilinear" if x.dim() == 4 else "trilinear"
+            recon = F.interpolate(self.recon_decoder(levels[-1]), size=x.shape[2:], mode=mode, align_corners=False)
         return VQForward(self.base.decode(features.with_levels(levels)), post_vq, vq_loss, perplexity, recon, codes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,3 +208,8 @@ class VQSegNet(nn.Module):
             for key, value in jump_stats(out.indices, out.used_indices, codebook).items():
                 stats[f"vq{name}_jump_{key}"] = value
         return stats
+
+
+def _channel_dropout(x: Tensor, p: float) -> Tensor:
+    """Drop whole channels of a 2D or 3D map (the paper's comparison perturbation), in any mode."""
+    return (F.dropout2d if x.dim() == 4 else F.dropout3d)(x, p, training=True)

@@ -41,7 +41,12 @@ def _canonical(model: nn.Module, name: str) -> str:
 
 
 def infer_channels(model: nn.Module, layer_names: list[str], example_input: Tensor) -> dict[str, int]:
-    """Output channel count (dim 1) of each named submodule, from one dry run in eval mode.
+    """Output channel count (dim 1) of each named submodule, from one dry run in eval mode."""
+    return {name: shape[1] for name, shape in output_shapes(model, layer_names, example_input).items()}
+
+
+def output_shapes(model: nn.Module, layer_names: list[str], example_input: Tensor) -> dict[str, torch.Size]:
+    """Output shape (B x C x ...) of each named submodule, from one dry run in eval mode.
 
     Eval mode and no_grad keep the dry run from updating BatchNorm statistics or building a graph.
     """
@@ -54,12 +59,12 @@ def infer_channels(model: nn.Module, layer_names: list[str], example_input: Tens
         finally:
             model.train(was_training)
         outputs = {name: tap[name] for name in layer_names}
-    channels = {}
+    shapes = {}
     for name, output in outputs.items():
         if not isinstance(output, Tensor) or output.dim() < 2:
             raise ValueError(f"output of {name!r} is not a B x C x ... tensor; pass its channels explicitly")
-        channels[name] = output.shape[1]
-    return channels
+        shapes[name] = output.shape
+    return shapes
 
 
 def insert_uafs(
@@ -72,24 +77,38 @@ def insert_uafs(
 ) -> nn.Module:
     """Replace each named submodule by ``nn.Sequential(original, UAFS(channels))``, in place.
 
-    Channels come from ``channels`` where given, else from a dry run on ``example_input``. Deeper
-    names are wrapped first so that wrapping a parent keeps its children's paths valid.
-    Returns ``model``.
+    Channels come from ``channels`` where given, else from a dry run on ``example_input``. The
+    block is 2D or 3D like the layer's output: from the dry run where there is an example input
+    (a 3D model needs a B x C x D x H x W one), else from the layer's last convolution. Deeper names
+    are wrapped first so that wrapping a parent keeps its children's paths valid. Returns ``model``.
     """
     names = list(dict.fromkeys(resolve_name(model, name) for name in layer_names))
     given = {resolve_name(model, name): c for name, c in (channels or {}).items()}
-    missing = [name for name in names if name not in given]
-    if missing:
-        if example_input is None:
+    if example_input is None:
+        missing = [name for name in names if name not in given]
+        if missing:
             raise ValueError(f"channels unknown for {missing}: pass example_input or channels")
-        given.update(infer_channels(model, missing, example_input))
+        dims = {name: _conv_dims(model.get_submodule(name), name) for name in names}
+    else:
+        shapes = output_shapes(model, names, example_input)
+        given = {name: shapes[name][1] for name in names} | given
+        dims = {name: len(shapes[name]) - 2 for name in names}
     for name in sorted(names, key=lambda n: n.count("."), reverse=True):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         original = parent.get_submodule(child_name)
-        block = UAFS(given[name], m=m, kernel_size=kernel_size).to(_device_of(original, example_input))
-        setattr(parent, child_name, nn.Sequential(original, block))
+        block = UAFS(given[name], m=m, kernel_size=kernel_size, dims=dims[name])
+        setattr(parent, child_name, nn.Sequential(original, block.to(_device_of(original, example_input))))
     return model
+
+
+def _conv_dims(module: nn.Module, name: str) -> int:
+    """Spatial axes of the last convolution in a module (2 or 3): what its output is, without a dry run."""
+    kinds = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    convs = [m for m in module.modules() if isinstance(m, kinds)]
+    if not convs:
+        raise ValueError(f"{name!r} holds no convolution to tell 2D from 3D: pass example_input")
+    return convs[-1].weight.dim() - 2
 
 
 def _device_of(module: nn.Module, example_input: Tensor | None) -> torch.device:

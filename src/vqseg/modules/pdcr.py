@@ -1,8 +1,8 @@
 """PDCR: patch-dragsaw contrastive regularisation (Li et al., TMI 2022), see METHODS.md §2.
 
 Sample N feature vectors per image; each stands for an input patch centred at the input pixel
-under its feature cell. phi_i holds the fraction of each foreground class in that patch,
-a_ij = 1 - 1/2 sum_c |phi_ic - phi_jc| (c over all classes, see below), d_ij = 1 - a_ij,
+(voxel, for 3D maps) under its feature cell. phi_i holds the fraction of each foreground class in
+that patch, a_ij = 1 - 1/2 sum_c |phi_ic - phi_jc| (c over all classes, see below), d_ij = 1 - a_ij,
 s_ij = cos(f_i, f_j) / tau and
 
     L = mean_{b,i,j} [ logsumexp_k(d_ik s_ik) - a_ij s_ij ],
@@ -23,6 +23,14 @@ Decisions (the paper is silent):
   (floor((r + 1/2) H / h), floor((c + 1/2) W / w)), i.e. round((r + 1/2) H/h - 1/2) with halves
   rounded up, so even-sized patches of side H/h cover exactly the cell's footprint.
   A patch of side p spans [centre - p // 2, centre - p // 2 + p - 1] on each axis.
+- 3D (B x C x d x h x w maps, B x D x H x W labels) follows the same rules on every axis: the
+  cell centres, the patch boxes (a count over the box, i.e. ``avg_pool3d`` of the one-hot labels
+  with ``count_include_pad=False`` read at the centre, computed from a 3D summed-area table), the
+  regular sampling grid (the official 3D code samples a regular 3D grid too) and the cross-layer
+  cell lookup. An int patch size is a cube (5 -> 5 x 5 x 5, as the 2D square); a tuple gives one
+  side per axis, e.g. (3, 5, 5) to keep the patch's physical extent near-isotropic on volumes
+  with thick slices. The official 3D temperature is tau = 0.5 (``pdcr.tau``); the functions'
+  default stays the 2D one.
 - Self pairs (i == j) are left out of both the numerator mean and the denominator of the
   within-layer loss: cos(f_i, f_i) = 1 always, so they only add constants (1 / tau to the mean,
   exp(0) to the sum). The cross-layer loss keeps them: the same location seen by two layers is
@@ -31,14 +39,17 @@ Decisions (the paper is silent):
   pixel is ignored are dropped, and a batch without any valid pair gives a zero loss that still
   carries a (zero) gradient.
 - ``patch_sizes="receptive"`` uses a single patch equal to each cell's footprint, side
-  max(1, round(H / h)) x max(1, round(W / w)), the paper's receptive-field variant as specified for
-  this project; a tuple of sizes gives hierarchical PDCR (one loss per size, averaged).
+  max(1, round(H / h)) x max(1, round(W / w)) (and the depth's likewise in 3D), the paper's
+  receptive-field variant as specified for this project; a tuple of sizes gives hierarchical PDCR
+  (one loss per size, averaged).
 - Everything is computed in float32 with autocast disabled; gradients flow to the features only.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +57,26 @@ from torch import Tensor, nn
 
 from vqseg.config import PDCR_SAMPLING as SAMPLING_MODES
 
-PatchSize = int | tuple[int, int]
+PatchSize = int | tuple[int, ...]  # an int is the same side on every axis
+Shape = Sequence[int]  # spatial sizes: (h, w) or (d, h, w)
 
 
-def cell_centres(feat_hw: tuple[int, int], label_hw: tuple[int, int], device: torch.device | None = None) -> Tensor:
-    """Input pixel (row, col) under the centre of every feature cell, in row-major order: (h*w) x 2."""
-    (h, w), (H, W) = feat_hw, label_hw
-    rows = torch.div((2 * torch.arange(h, device=device) + 1) * H, 2 * h, rounding_mode="floor")
-    cols = torch.div((2 * torch.arange(w, device=device) + 1) * W, 2 * w, rounding_mode="floor")
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(h * w, 2)
+def cell_centres(feat_shape: Shape, label_shape: Shape, device: torch.device | None = None) -> Tensor:
+    """Input pixel (row, col) or voxel (slice, row, col) under the centre of every feature cell, in
+    row-major order: (h*w) x 2 or (d*h*w) x 3."""
+    axes = [
+        torch.div((2 * torch.arange(n, device=device) + 1) * size, 2 * n, rounding_mode="floor")
+        for n, size in zip(feat_shape, label_shape)
+    ]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(axes))
+
+
+def _ravel(coords: Sequence[Tensor], shape: Shape) -> Tensor:
+    """Row-major flat index of per-axis coordinates in a map of ``shape``."""
+    index = coords[0]
+    for coord, size in zip(coords[1:], shape[1:]):
+        index = index * size + coord
+    return index
 
 
 def patch_fractions(
@@ -66,38 +88,47 @@ def patch_fractions(
 ) -> Tensor:
     """Fraction of each foreground class (1..num_classes-1) among the valid pixels of each patch.
 
-    labels: B x H x W; centres: B x N x 2 input (row, col); returns B x N x (num_classes - 1).
-    Pixels outside the image or equal to ``ignore_index`` are not counted; a patch without a
-    valid pixel gets phi = 0.
+    labels: B x H x W (or B x D x H x W); centres: B x N x 2 input (row, col) (or x 3: slice, row,
+    col); returns B x N x (num_classes - 1). Pixels outside the image or equal to ``ignore_index``
+    are not counted; a patch without a valid pixel gets phi = 0.
     """
-    return _class_distribution(_label_table(labels, num_classes, ignore_index), centres, _pair(patch_size))[..., 1:]
+    table = _label_table(labels, num_classes, ignore_index)
+    return _class_distribution(table, centres, _patch(patch_size, labels.dim() - 1))[..., 1:]
 
 
 def _label_table(labels: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
-    """Summed-area table of [class 0 .. class K-1, valid] masks: B x (K + 1) x (H + 1) x (W + 1)."""
+    """Summed-area table of [class 0 .. class K-1, valid] masks: B x (K + 1) x (H + 1) x (W + 1)
+    (x (D + 1) first in 3D), exact in int32."""
+    dims = labels.dim() - 1
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
-    classes = torch.arange(num_classes, device=labels.device)[:, None, None]
-    masks = torch.cat([(labels[:, None] == classes) & valid[:, None], valid[:, None]], dim=1)
-    return F.pad(masks.cumsum(-1, dtype=torch.int32).cumsum(-2, dtype=torch.int32), (1, 0, 1, 0))
+    classes = torch.arange(num_classes, device=labels.device).view(-1, *[1] * dims)
+    table = torch.cat([(labels[:, None] == classes) & valid[:, None], valid[:, None]], dim=1)
+    for axis in range(-1, -dims - 1, -1):
+        table = table.cumsum(axis, dtype=torch.int32)
+    return F.pad(table, (1, 0) * dims)
 
 
-def _box_counts(table: Tensor, centres: Tensor, patch: tuple[int, int]) -> Tensor:
-    """Per-channel pixel counts inside each patch, from a summed-area table: B x N x channels."""
-    (ph, pw), (H, W) = patch, (table.shape[-2] - 1, table.shape[-1] - 1)
-    top = (centres[..., 0] - ph // 2).clamp(0, H)
-    bottom = (centres[..., 0] - ph // 2 + ph).clamp(0, H)
-    left = (centres[..., 1] - pw // 2).clamp(0, W)
-    right = (centres[..., 1] - pw // 2 + pw).clamp(0, W)
+def _box_counts(table: Tensor, centres: Tensor, patch: tuple[int, ...]) -> Tensor:
+    """Per-channel pixel counts inside each patch, from a summed-area table: B x N x channels.
+
+    Inclusion-exclusion over the box's 2^dims corners (4 in 2D, 8 in 3D).
+    """
+    table_shape = table.shape[2:]
+    ends = []  # per axis: (low, high) corner coordinates in the table
+    for axis, (side, size) in enumerate(zip(patch, table_shape)):
+        start = centres[..., axis] - side // 2
+        ends.append((start.clamp(0, size - 1), (start + side).clamp(0, size - 1)))
     flat = table.flatten(2)
-
-    def corner(rows: Tensor, cols: Tensor) -> Tensor:
-        return flat.gather(2, (rows * (W + 1) + cols)[:, None, :].expand(-1, flat.shape[1], -1))
-
-    counts = corner(bottom, right) - corner(top, right) - corner(bottom, left) + corner(top, left)
+    counts = None
+    for corner in itertools.product((0, 1), repeat=len(patch)):
+        index = _ravel([ends[axis][high] for axis, high in enumerate(corner)], table_shape)
+        value = flat.gather(2, index[:, None, :].expand(-1, flat.shape[1], -1))
+        value = value if (len(patch) - sum(corner)) % 2 == 0 else -value
+        counts = value if counts is None else counts + value
     return counts.transpose(1, 2)
 
 
-def _class_distribution(table: Tensor, centres: Tensor, patch: tuple[int, int]) -> Tensor:
+def _class_distribution(table: Tensor, centres: Tensor, patch: tuple[int, ...]) -> Tensor:
     """Fraction of every class, background included, among the valid pixels of each patch: B x N x K."""
     counts = _box_counts(table, centres, patch).float()
     return counts[..., :-1] / counts[..., -1:].clamp_min(1)
@@ -115,12 +146,14 @@ def pdcr_loss(
     generator: torch.Generator | None = None,
     boundary_boost: float = 3.0,
 ) -> Tensor:
-    """Hierarchical PDCR on one feature map (B x C x h x w) against input-resolution labels (B x H x W).
+    """Hierarchical PDCR on one feature map (B x C x h x w) against input-resolution labels (B x H x W),
+    or on a 3D map (B x C x d x h x w) against B x D x H x W labels.
 
-    sampling: "grid" (official: a regular ~sqrt(N) x sqrt(N) grid, ignored centres get zero
-    weight), "random" (uniform over valid cells, without replacement) or "balanced" (without
-    replacement, weight 1 / frequency of the centre's class in the image, times
-    1 + ``boundary_boost`` where the largest patch holds more than one class).
+    sampling: "grid" (official: a regular ~sqrt(N) x sqrt(N) grid, ~N^(1/3) per axis in 3D, its
+    aspect following the map's; ignored centres get zero weight), "random" (uniform over valid
+    cells, without replacement) or "balanced" (without replacement, weight 1 / frequency of the
+    centre's class in the image, times 1 + ``boundary_boost`` where the largest patch holds more
+    than one class).
     """
     _check_inputs(features, labels, num_classes, tau)
     index, _, valid, dists = _sample_patches(
@@ -153,8 +186,8 @@ def cross_layer_pdcr_loss(
     (e.g. ``nn.Linear(C_b, C_a)``) and is trained by this loss. "receptive" patches follow map a.
     """
     _check_inputs(features_a, labels, num_classes, tau)
-    if features_b.dim() != 4 or features_b.shape[0] != features_a.shape[0]:
-        expected = f"B x C x h x w with B = {features_a.shape[0]}"
+    if features_b.dim() != features_a.dim() or features_b.shape[0] != features_a.shape[0]:
+        expected = f"a {features_a.dim()}-D tensor like features_a with B = {features_a.shape[0]}"
         raise ValueError(f"features_b must be {expected}, got shape {tuple(features_b.shape)}")
     if proj is None and features_a.shape[1] != features_b.shape[1]:
         raise ValueError(
@@ -163,10 +196,12 @@ def cross_layer_pdcr_loss(
     index_a, centres, valid, dists = _sample_patches(
         features_a, labels, num_classes, patch_sizes, num_samples, sampling, ignore_index, generator, boundary_boost
     )
-    (hb, wb), (H, W) = features_b.shape[-2:], labels.shape[-2:]
-    row_b = torch.div(centres[..., 0] * hb, H, rounding_mode="floor")
-    col_b = torch.div(centres[..., 1] * wb, W, rounding_mode="floor")
-    index_b = row_b * wb + col_b
+    shape_b, label_shape = features_b.shape[2:], labels.shape[1:]
+    cells_b = [
+        torch.div(centres[..., axis] * size_b, size, rounding_mode="floor")
+        for axis, (size_b, size) in enumerate(zip(shape_b, label_shape))
+    ]
+    index_b = _ravel(cells_b, shape_b)
     with torch.autocast(device_type=features_a.device.type, enabled=False):
         fa = _gather(features_a, index_a)
         fb = _gather(features_b, index_b)
@@ -177,7 +212,7 @@ def cross_layer_pdcr_loss(
 
 def sample_locations(
     labels: Tensor,
-    feat_hw: tuple[int, int],
+    feat_shape: Shape,
     num_classes: int,
     num_samples: int = 32,
     sampling: str = "grid",
@@ -186,12 +221,13 @@ def sample_locations(
     generator: torch.Generator | None = None,
     boundary_boost: float = 3.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The cells ``pdcr_loss`` would sample, for inspection: (flat index, input centres, valid), each B x N (x 2)."""
+    """The cells ``pdcr_loss`` would sample, for inspection: (flat index, input centres, valid), each
+    B x N (x 2, or x 3 for 3D labels and a 3D ``feat_shape``)."""
     labels = labels.long()
-    patches = _patch_list(patch_sizes, labels.shape[-2:], feat_hw)
+    patches = _patch_list(patch_sizes, labels.shape[1:], feat_shape)
     table = _label_table(labels, num_classes, ignore_index)
     return _sample_locations(
-        labels, table, feat_hw, num_samples, sampling, patches, ignore_index, generator, boundary_boost
+        labels, table, feat_shape, num_samples, sampling, patches, ignore_index, generator, boundary_boost
     )
 
 
@@ -206,12 +242,13 @@ def _sample_patches(
     generator: torch.Generator | None,
     boundary_boost: float,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """Sampled cells (B x N flat index), input centres (B x N x 2), validity (B x N), per-size class distributions."""
+    """Sampled cells (B x N flat index), input centres (B x N x dims), validity (B x N), per-size class
+    distributions."""
     labels = labels.to(features.device, torch.long)
-    patches = _patch_list(patch_sizes, labels.shape[-2:], features.shape[-2:])
+    patches = _patch_list(patch_sizes, labels.shape[1:], features.shape[2:])
     table = _label_table(labels, num_classes, ignore_index)
     index, centres, valid = _sample_locations(
-        labels, table, features.shape[-2:], num_samples, sampling, patches, ignore_index, generator, boundary_boost
+        labels, table, features.shape[2:], num_samples, sampling, patches, ignore_index, generator, boundary_boost
     )
     return index, centres, valid, [_class_distribution(table, centres, p) for p in patches]
 
@@ -219,34 +256,33 @@ def _sample_patches(
 def _sample_locations(
     labels: Tensor,
     table: Tensor,
-    feat_hw: tuple[int, int],
+    feat_shape: Shape,
     num_samples: int,
     sampling: str,
-    patches: list[tuple[int, int]],
+    patches: list[tuple[int, ...]],
     ignore_index: int | None,
     generator: torch.Generator | None,
     boundary_boost: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pick feature cells per image: (flat cell index B x N, input centres B x N x 2, valid B x N).
+    """Pick feature cells per image: (flat cell index B x N, input centres B x N x dims, valid B x N).
 
     ``valid`` is False where the centre pixel is ignored (grid mode), or where an image has fewer
     valid cells than requested samples (random / balanced), so such samples carry no weight.
     """
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-    B, (h, w) = labels.shape[0], feat_hw
-    all_centres = cell_centres(feat_hw, labels.shape[-2:], labels.device)
-    centre_labels = labels[:, all_centres[:, 0], all_centres[:, 1]]
+    all_centres = cell_centres(feat_shape, labels.shape[1:], labels.device)
+    centre_labels = labels[(slice(None), *all_centres.unbind(1))]
     valid_cells = torch.ones_like(centre_labels, dtype=torch.bool)
     if ignore_index is not None:
         valid_cells = centre_labels != ignore_index
     if sampling == "grid":
-        index = _grid_indices(h, w, num_samples, labels.device).expand(B, -1)
+        index = _grid_indices(feat_shape, num_samples, labels.device).expand(labels.shape[0], -1)
     else:
         weight = valid_cells.float()
         if sampling == "balanced":
             weight = weight * _balance_weights(table, centre_labels, valid_cells, all_centres, patches, boundary_boost)
-        index = _sample_without_replacement(weight, min(num_samples, h * w), generator)
+        index = _sample_without_replacement(weight, min(num_samples, math.prod(feat_shape)), generator)
     return index, all_centres[index], valid_cells.gather(1, index)
 
 
@@ -255,12 +291,12 @@ def _balance_weights(
     centre_labels: Tensor,
     valid_cells: Tensor,
     all_centres: Tensor,
-    patches: list[tuple[int, int]],
+    patches: list[tuple[int, ...]],
     boundary_boost: float,
 ) -> Tensor:
     """Per-cell weight (1 + boost if the largest patch holds > 1 class) / count(centre class): B x h*w."""
     num_classes = table.shape[1] - 1
-    largest = max(patches, key=lambda p: p[0] * p[1])
+    largest = max(patches, key=math.prod)
     class_counts = _box_counts(table, all_centres.expand(table.shape[0], -1, -1), largest)[..., :-1]
     mixed = (class_counts > 0).sum(-1) > 1
     classes = centre_labels.masked_fill(~valid_cells, 0)
@@ -276,13 +312,28 @@ def _sample_without_replacement(weight: Tensor, n: int, generator: torch.Generat
     return keys.topk(n, dim=1).indices
 
 
-def _grid_indices(h: int, w: int, num_samples: int, device: torch.device) -> Tensor:
-    """Flat indices of a regular gh x gw grid, gh * gw ~ num_samples, aspect following the map."""
-    gh = min(h, max(1, round(math.sqrt(num_samples * h / w))))
-    gw = min(w, max(1, round(num_samples / gh)))
-    rows = torch.div((2 * torch.arange(gh, device=device) + 1) * h, 2 * gh, rounding_mode="floor")
-    cols = torch.div((2 * torch.arange(gw, device=device) + 1) * w, 2 * gw, rounding_mode="floor")
-    return (rows[:, None] * w + cols[None, :]).reshape(1, -1)
+def _grid_indices(shape: Shape, num_samples: int, device: torch.device) -> Tensor:
+    """Flat indices of a regular grid, ~num_samples points, aspect following the map, row-major.
+
+    Axis by axis, the count is what an equal spacing on the remaining axes would give
+    (gh = sqrt(N h / w) in 2D; gd = cbrt(N d^2 / (h w)) first in 3D), and the last axis takes the
+    rest of the samples; each count lies in [1, size]. Points sit at the centres of equal bins.
+    """
+    counts: list[int] = []
+    for axis, size in enumerate(shape):
+        remaining = num_samples / math.prod(counts)
+        rest = len(shape) - axis  # axes still to share the samples, this one included
+        if rest == 1:
+            count = remaining
+        else:
+            root = math.sqrt if rest == 2 else math.cbrt
+            count = root(remaining * size ** (rest - 1) / math.prod(shape[axis + 1 :]))
+        counts.append(min(size, max(1, round(count))))
+    axes = [
+        torch.div((2 * torch.arange(count, device=device) + 1) * size, 2 * count, rounding_mode="floor")
+        for count, size in zip(counts, shape)
+    ]
+    return _ravel(torch.meshgrid(*axes, indexing="ij"), shape).reshape(1, -1)
 
 
 def _gather(features: Tensor, index: Tensor) -> Tensor:
@@ -312,29 +363,31 @@ def _contrast(fa: Tensor, fb: Tensor, dists: list[Tensor], valid: Tensor, tau: f
     return torch.stack(losses).mean()
 
 
-def _pair(size: PatchSize) -> tuple[int, int]:
-    ph, pw = (size, size) if isinstance(size, int) else size
-    if ph < 1 or pw < 1:
-        raise ValueError(f"patch size must be >= 1, got {size}")
-    return int(ph), int(pw)
+def _patch(size: PatchSize, dims: int) -> tuple[int, ...]:
+    """One side per axis: an int is a square (2D) or a cube (3D)."""
+    sides = (size,) * dims if isinstance(size, int) else tuple(size)
+    if len(sides) != dims or min(sides) < 1:
+        raise ValueError(f"patch size must be an int or {dims} sides, each >= 1, got {size}")
+    return tuple(int(side) for side in sides)
 
 
 def _patch_list(
-    patch_sizes: tuple[PatchSize, ...] | str, label_hw: tuple[int, int], feat_hw: tuple[int, int]
-) -> list[tuple[int, int]]:
-    """Patch sizes as (ph, pw) pairs; "receptive" is the footprint of one feature cell."""
+    patch_sizes: tuple[PatchSize, ...] | str, label_shape: Shape, feat_shape: Shape
+) -> list[tuple[int, ...]]:
+    """Patch sizes, one side per axis; "receptive" is the footprint of one feature cell."""
     if patch_sizes == "receptive":
-        return [(max(1, round(label_hw[0] / feat_hw[0])), max(1, round(label_hw[1] / feat_hw[1])))]
+        return [tuple(max(1, round(size / n)) for size, n in zip(label_shape, feat_shape))]
     if isinstance(patch_sizes, str) or len(patch_sizes) == 0:
         raise ValueError(f'patch_sizes must be a non-empty tuple of sizes or "receptive", got {patch_sizes!r}')
-    return [_pair(p) for p in patch_sizes]
+    return [_patch(p, len(label_shape)) for p in patch_sizes]
 
 
 def _check_inputs(features: Tensor, labels: Tensor, num_classes: int, tau: float) -> None:
-    if features.dim() != 4:
-        raise ValueError(f"features must be B x C x h x w, got shape {tuple(features.shape)}")
-    if labels.dim() != 3 or labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels must be B x H x W with B = {features.shape[0]}, got shape {tuple(labels.shape)}")
+    if features.dim() not in (4, 5):
+        raise ValueError(f"features must be B x C x h x w or B x C x d x h x w, got shape {tuple(features.shape)}")
+    if labels.dim() != features.dim() - 1 or labels.shape[0] != features.shape[0]:
+        expected = "B x H x W" if features.dim() == 4 else "B x D x H x W"
+        raise ValueError(f"labels must be {expected} with B = {features.shape[0]}, got shape {tuple(labels.shape)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
     if tau <= 0:

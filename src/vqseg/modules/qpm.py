@@ -1,5 +1,8 @@
 """Quantized Perturbation Module (QPM) of VQ-Seg: random jumps between codebook indices.
 
+Indices are B x H x W, or B x D x H x W for a 3D bottleneck (any B x ... works): the jump law
+acts token by token, and the shuffle permutes within each image (first dim) over all its positions.
+
 Everything on the training path runs on the tensors' device with no host synchronisation, so a
 QPM call can sit inside a CUDA training step without stalling it (the official code loops over
 unique codes in Python and syncs once per code). `jump_stats`, which says what the jumps did,
@@ -144,7 +147,8 @@ def jump_stats(source: Tensor, perturbed: Tensor, codebook: Tensor, max_tokens: 
 
 @torch.no_grad()
 def shuffle_indices(indices: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
-    """Per image (first dim), pick each token with probability eps and permute the picked tokens' indices.
+    """Per image (first dim), pick each token with probability eps and permute the picked tokens' indices
+    across all of the image's positions (every slice of a volume).
 
     The per-image multiset of indices is preserved. Vectorised over the batch by two stable sorts
     (no loop, no host sync): the picked positions in ascending order receive the indices of the

@@ -1,4 +1,8 @@
-"""Vector quantizer with a SimVQ codebook (frozen random table times a learnable linear map)."""
+"""Vector quantizer with a SimVQ codebook (frozen random table times a learnable linear map).
+
+Tokens are the feature vectors at every spatial position of a B x C x H x W map or, for a 3D
+network's bottleneck, of a B x C x D x H x W one: the lookup does not care where a token sits.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +22,9 @@ Perturb = Callable[[Tensor, Tensor], Tensor]
 class VQOutput(NamedTuple):
     """What one quantizer pass returns; every tensor stays on the device (no host sync)."""
 
-    quantized: Tensor  # B x C x H x W, straight-through w.r.t. the input
-    indices: Tensor  # B x H x W, nearest codes (before any perturbation)
-    used_indices: Tensor  # B x H x W, the codes in ``quantized`` (``indices`` unless perturbed)
+    quantized: Tensor  # B x C x *spatial (H x W or D x H x W), straight-through w.r.t. the input
+    indices: Tensor  # B x *spatial, nearest codes (before any perturbation)
+    used_indices: Tensor  # B x *spatial, the codes in ``quantized`` (``indices`` unless perturbed)
     loss: Tensor  # codebook + beta * commitment, 0-dim
     perplexity: Tensor  # of this batch's code histogram, 0-dim
 
@@ -82,22 +86,23 @@ class VectorQuantizer(nn.Module):
         ])
 
     def forward(self, z: Tensor, perturb: Perturb | None = None) -> VQOutput:
-        """Quantize z; `perturb` (e.g. a `QPM`) picks the codes of the output only, the losses see the true ones."""
-        b, c, h, w = z.shape
+        """Quantize z (B x C x *spatial); `perturb` (e.g. a `QPM`) picks the codes of the output only,
+        the losses see the true ones."""
+        b, c, *spatial = z.shape
         compute_dtype = torch.promote_types(z.dtype, torch.float32)
         with torch.autocast(z.device.type, enabled=False):
             codebook = self.codebook.to(compute_dtype)
-            tokens = z.permute(0, 2, 3, 1).reshape(-1, c).to(compute_dtype)
+            tokens = z.movedim(1, -1).reshape(-1, c).to(compute_dtype)
             if self.cosine:
                 tokens = F.normalize(tokens, dim=1)
-                z = tokens.view(b, h, w, c).permute(0, 3, 1, 2).to(z.dtype)
+                z = tokens.view(b, *spatial, c).movedim(-1, 1).to(z.dtype)
             indices = self.nearest(tokens.detach(), codebook.detach())
             codes = F.embedding(indices, codebook)
             loss = F.mse_loss(codes, tokens.detach()) + self.beta * F.mse_loss(tokens, codes.detach())
 
-            indices = indices.view(b, h, w)
+            indices = indices.view(b, *spatial)
             out_indices = indices if perturb is None else perturb(indices, codebook.detach())
-            out_codes = F.embedding(out_indices, codebook.detach()).permute(0, 3, 1, 2).to(z.dtype)
+            out_codes = F.embedding(out_indices, codebook.detach()).movedim(-1, 1).to(z.dtype)
             quantized = z + (out_codes - z).detach()
 
         with torch.no_grad():
