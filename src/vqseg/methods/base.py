@@ -156,11 +156,11 @@ class Method(nn.Module):
 def dice_loss(logits: Tensor, target: Tensor, num_classes: int, ignore: Tensor | None = None) -> Tensor:
     """Soft Dice over classes (SSL4MIS's DiceLoss), optionally masking ignored pixels."""
     probs = logits.float().softmax(dim=1)
-    onehot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    onehot = F.one_hot(target.clamp(0, num_classes - 1), num_classes).movedim(-1, 1).float()
     if ignore is not None:
         keep = (~ignore).float()[:, None]
         probs, onehot = probs * keep, onehot * keep
-    dims = (0, 2, 3)
+    dims = (0, *range(2, probs.ndim))  # batch and every spatial axis: 2D images or 3D volumes
     inter = (probs * onehot).sum(dims)
     denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
     return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
@@ -256,7 +256,7 @@ def strong_view(augment: Augmenter, weak: Tensor, theta: Tensor, cutmix: bool = 
     """A strong view of ``weak``: its own intensity draw, CutMix box and CutMix partner."""
     n, device = weak.shape[0], weak.device
     strong = augment.intensity(weak)
-    box = augment.cutmix_mask(n, tuple(weak.shape[-2:]), device)
+    box = augment.cutmix_mask(n, tuple(weak.shape[2:]), device)
     if not cutmix:
         box = torch.zeros_like(box)
     perm = torch.randperm(n, device=device)
@@ -266,6 +266,12 @@ def strong_view(augment: Augmenter, weak: Tensor, theta: Tensor, cutmix: bool = 
 def make_unlabeled_views(augment: Augmenter, images: Tensor, cutmix: bool = True) -> UnlabeledViews:
     weak, _, theta = augment.geometric(images)
     return strong_view(augment, weak, theta, cutmix)
+
+
+def channel_dropout(features: Tensor, rate: float) -> Tensor:
+    """Whole feature channels dropped (Dropout2d on images, Dropout3d on volumes), always on."""
+    dropout = F.dropout3d if features.ndim == 5 else F.dropout2d
+    return dropout(features, rate, training=True)
 
 
 def sigmoid_rampup(progress: float, length: float) -> float:

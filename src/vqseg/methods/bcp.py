@@ -76,20 +76,20 @@ class BCPConfig(MethodConfig):
         check_range("method.box_fraction", self.box_fraction, 0, 1, low_open=True, high_open=True)
 
 
-def paste_box(n: int, size: tuple[int, int], fraction: float, device: torch.device) -> Tensor:
-    """BCP's ``generate_mask`` as an n x H x W boolean box: one random position for the whole batch."""
-    h, w = size
-    bh, bw = int(h * fraction), int(w * fraction)
-    y0 = int(torch.randint(0, max(h - bh, 1), ()))
-    x0 = int(torch.randint(0, max(w - bw, 1), ()))
-    box = torch.zeros(h, w, dtype=torch.bool, device=device)
-    box[y0 : y0 + bh, x0 : x0 + bw] = True
-    return box.expand(n, h, w)
+def paste_box(n: int, size: tuple[int, ...], fraction: float, device: torch.device) -> Tensor:
+    """BCP's ``generate_mask`` (2D) and ``context_mask`` (3D) as an n x *size boolean box: one random
+    position for the whole batch, each side ``fraction`` of the image's."""
+    sides = [int(s * fraction) for s in size]
+    starts = [int(torch.randint(0, max(s - b, 1), ())) for s, b in zip(size, sides)]
+    box = torch.zeros(size, dtype=torch.bool, device=device)
+    box[tuple(slice(a, a + b) for a, b in zip(starts, sides))] = True
+    return box.expand(n, *size)
 
 
 def largest_components(labels: Tensor, num_classes: int) -> Tensor:
-    """Keep only the largest 8-connected component of each foreground class per image; the rest is background."""
-    structure = ndimage.generate_binary_structure(2, 2)
+    """Keep only the largest 8-connected (26 in 3D) component of each foreground class per image; the
+    rest is background."""
+    structure = ndimage.generate_binary_structure(labels.ndim - 1, labels.ndim - 1)
     maps = labels.cpu().numpy()
     kept = np.zeros_like(maps)
     for label_map, out in zip(maps, kept):
@@ -134,7 +134,7 @@ class BCP(Method):
         self.register_buffer("pretrained_dice", torch.tensor(-1.0, dtype=torch.float64))
 
     def _box(self, n: int, like: Tensor) -> Tensor:
-        return paste_box(n, tuple(like.shape[-2:]), self.params.box_fraction, like.device)
+        return paste_box(n, tuple(like.shape[2:]), self.params.box_fraction, like.device)
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         x_l, y_l, _ = self.augment.geometric(batch.labeled, batch.labels)

@@ -32,13 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from vqseg.config import MethodConfig, check_range
 from vqseg.methods.base import (
     Batch,
     Method,
     StepOutput,
+    channel_dropout,
     confident_labels,
     dice_loss,
     labeled_pdcr,
@@ -83,7 +83,7 @@ class UniMatch(Method):
         loss_pdcr, logs = labeled_pdcr(self, y_l, n_u, logits_w)
         unlabeled = features.rows(slice(n_l, None))  # the encoder's levels, not a pretrained image stem
         logits_fp = self.student.decode(
-            unlabeled.with_levels([F.dropout2d(f, p.fp_dropout, training=True) for f in unlabeled.levels])
+            unlabeled.with_levels([channel_dropout(f, p.fp_dropout) for f in unlabeled.levels])
         )
         logits_s1, logits_s2 = self.student(torch.cat([views1.strong, views2.strong])).chunk(2)
 

@@ -298,7 +298,7 @@ class VQSeg(Method):
         structure sizes, as BCP's copy-paste does (whose pseudo-labels kept the structures' true
         areas where VQ-Seg's shrank, README)."""
         n = strong.shape[0]
-        box = self.augment.cutmix_mask(n, tuple(strong.shape[-2:]), strong.device)
+        box = self.augment.cutmix_mask(n, tuple(strong.shape[2:]), strong.device)
         partner = torch.randint(x_l.shape[0], (n,), device=strong.device)
         pasted = self.augment.intensity(x_l)[partner]
         return mix(box, pasted, strong), mix(box, y_l[partner], pseudo), ignore & ~box

@@ -40,7 +40,7 @@ class SegmentationHead(nn.Conv2d):
 
 
 class SegmentationModel(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: SegmentationHead) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
