@@ -123,7 +123,13 @@ def test_summary_of_an_nnunet_dataset(tmp_path, capsys):
         assert fragment in out, fragment
     info = split_of(root)
     assert info["format"] == "nnunet" and info["in_channels"] == 2 and info["class_names"] == ["outer", "inner"]
-    assert info["intensity"] == "percentile" and info["plan"] == {"slice_axis": 2, "intensity": "percentile"}
+    plan = info["plan"]
+    assert info["intensity"] == "percentile"
+    assert {k: plan[k] for k in ("slice_axis", "intensity")} == {"slice_axis": 2, "intensity": "percentile"}
+    assert plan["3d"]["spacing"] == pytest.approx([6.0, 1.4, 1.5]) and plan["3d"]["patch_size"] == [4, 14, 12]
+    assert plan["2d"]["spacing"] == pytest.approx([1.4, 1.5]) and plan["2d"]["patch_size"] == [14, 12]
+    assert "plan 2d: patch 14 x 12, batch 2" in out
+    assert "plan 3d: patch 4 x 14 x 12 (slice axis first), batch 2" in out and "6 x 1.4 x 1.5 mm (anisotropic)" in out
     assert info["fingerprint"]["median_spacing"] == pytest.approx([1.4, 1.5, 6.0])
     assert info["fingerprint"]["shapes"]["pat000"] == [14, 12, 4]
     assert "pat006" in info["unlabeled"]  # an image without a label, its own group: unlabelled training data

@@ -8,7 +8,8 @@ with the split to ``DATA_DIR/vqseg_splits.json``; training (``data.dataset: prep
 evaluation read only that file and the data, so they never guess again.
 
 The fingerprint and plan (``data/plan.py``) are stored in the same file: every 3D volume of the
-dataset is sliced along the plan's axis, in training, evaluation and ``predict``.
+dataset is sliced along the plan's axis, in training, evaluation and ``predict``; the plan's "2d" and
+"3d" configurations (patch, batch, U-Net topology, target spacing) are what patch training uses.
 
 Splits: groups of cases (``--group REGEX``: cases whose names give the same key, the first regex
 group or else the whole match, are never split apart; without it every case is its own group) that
@@ -32,7 +33,7 @@ import numpy as np
 from vqseg.config import Config, ConfigError, DataConfig, resolve_path
 from vqseg.data import imagefolder, nnunet
 from vqseg.data.casefiles import Case, check_geometry, decode_labels, read_case, read_file, read_images
-from vqseg.data.plan import FingerprintBuilder, cases_against_plan, describe_plan, make_plan
+from vqseg.data.plan import FingerprintBuilder, cases_against_plan, describe_configuration, describe_plan, make_plan
 from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, stack_slices
 from vqseg.registry import DATASETS
 
@@ -177,6 +178,7 @@ def survey(root: Path, mask_values: list[int] | None = None) -> Survey:
         ),
         f"intensity: {low:.4g} .. {high:.4g}, {rule}",
         describe_plan(prints, plan),
+        *(describe_configuration(name, plan[name]) for name in ("2d", "3d")),
     ]
     odd = cases_against_plan(prints, plan)
     if odd:
