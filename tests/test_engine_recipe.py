@@ -155,21 +155,21 @@ def test_training_loop_recipe(tmp_path, monkeypatch, optimizer: str, amp: bool):
         seen["optimizer"] = opt
         return opt
 
-    original_predict = trainer.predict_volumes
+    original_predict = trainer.predict_cases
 
-    def spy_predict(model, volumes, size, batch_size, device, amp_=False):
+    def spy_predict(model, volumes, how, device):
         events.append(("validate",))
         method = seen["method"]
-        validations.append({"model": model, "names": [v.name for v in volumes], "size": size, "amp": amp_,
-                            "batch": batch_size, "student_mode": method.student.training})
-        return original_predict(model, volumes, size, batch_size, device, amp_)
+        validations.append({"model": model, "names": [v.name for v in volumes], "size": how.image_size,
+                            "amp": how.amp, "batch": how.batch_size, "student_mode": method.student.training})
+        return original_predict(model, volumes, how, device)
 
     monkeypatch.setattr(MeanTeacher, "prepare", prepare)
     monkeypatch.setattr(MeanTeacher, "training_step", training_step)
     monkeypatch.setattr(MeanTeacher, "after_step", after_step)
     monkeypatch.setattr(MeanTeacher, "after_validation", after_validation)
     monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
-    monkeypatch.setattr(trainer, "predict_volumes", spy_predict)
+    monkeypatch.setattr(trainer, "predict_cases", spy_predict)
     run = trainer.train(cfg)
     monkeypatch.undo()
     method, data = seen["method"], seen["data"]
@@ -470,13 +470,13 @@ def test_evaluate_scores_the_requested_split_by_default_the_test_split_with_the_
     phantom_run: Path, monkeypatch, split: str | None
 ):
     seen = {}
-    original = evaluate_module.predict_volumes
+    original = evaluate_module.predict_cases
 
-    def spy(model, volumes, size, batch_size, device, amp=False):
-        seen.update(state=_state(model), names=[v.name for v in volumes], size=size, batch=batch_size)
-        return original(model, volumes, size, batch_size, device, amp)
+    def spy(model, volumes, how, device):
+        seen.update(state=_state(model), names=[v.name for v in volumes], size=how.image_size, batch=how.batch_size)
+        return original(model, volumes, how, device)
 
-    monkeypatch.setattr(evaluate_module, "predict_volumes", spy)
+    monkeypatch.setattr(evaluate_module, "predict_cases", spy)
     summary = evaluate_run(phantom_run, device="cpu", **({} if split is None else {"split": split}))
     cfg = tiny_config()
     best = load_checkpoint(phantom_run / "best.pt")
@@ -507,11 +507,11 @@ def test_spacing_precedence(phantom_run: Path, monkeypatch):
         cfg.eval.spacing = [10.0, 10.0, 10.0]
         return cfg, predictor, state
 
-    def shifted_truth(model, volumes, size, batch_size, device, amp=False):
+    def shifted_truth(model, volumes, how, device):
         return [np.roll(v.label, 1, axis=-1) for v in volumes]  # every boundary one voxel off
 
     monkeypatch.setattr(evaluate_module, "load_run", with_config_spacing)
-    monkeypatch.setattr(evaluate_module, "predict_volumes", shifted_truth)
+    monkeypatch.setattr(evaluate_module, "predict_cases", shifted_truth)
     voxels = evaluate_run(phantom_run, "test", device="cpu", spacing=[1.0, 1.0, 1.0])
     config = evaluate_run(phantom_run, "test", device="cpu")
     assert voxels["units"] == config["units"] == "mm"

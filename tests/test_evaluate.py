@@ -103,14 +103,14 @@ def test_evaluate_run_scores_the_predictions_it_makes(phantom_run: Path, monkeyp
     predictor stand-in returns the ground truth with the RV erased in the first case."""
     seen = {}
 
-    def fake_predict(model, volumes, size, batch_size, device, amp=False):
+    def fake_predict(model, volumes, how, device):
         seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
         seen["names"] = [v.name for v in volumes]
         preds = [v.label.copy() for v in volumes]
         preds[0][preds[0] == 1] = 0
         return preds
 
-    monkeypatch.setattr(evaluate_module, "predict_volumes", fake_predict)
+    monkeypatch.setattr(evaluate_module, "predict_cases", fake_predict)
     summary = evaluate_run(phantom_run, "test", checkpoint="last", device="cpu")
     last = load_checkpoint(phantom_run / "last.pt")
     assert all(torch.equal(seen["state"][k], last["predictor"][k]) for k in last["predictor"])
@@ -239,12 +239,12 @@ def test_per_case_csv_contract(phantom_run: Path, monkeypatch):
     """Header then exactly these columns; one row per case x foreground class; undefined distances empty."""
     import csv
 
-    def fake_predict(model, volumes, size, batch_size, device, amp=False):
+    def fake_predict(model, volumes, how, device):
         preds = [v.label.copy() for v in volumes]
         preds[1][preds[1] == 3] = 0  # LV missed in the second case
         return preds
 
-    monkeypatch.setattr(evaluate_module, "predict_volumes", fake_predict)
+    monkeypatch.setattr(evaluate_module, "predict_cases", fake_predict)
     evaluate_run(phantom_run, "test", device="cpu")
     lines = (phantom_run / "eval_test.csv").read_text().splitlines()
     assert lines[0] == "case,class,dice,jaccard,hd95,asd,missed,units"

@@ -324,9 +324,9 @@ def test_probabilities_are_computed_only_when_asked_for(tmp_path, monkeypatch):
     stub_run(monkeypatch, tmp_path, math.lcm(5, 7))
     data = levels((3, 5, 7))
     nib.save(nib.Nifti1Image(data, rotated_affine((2.0, 1.0, 1.0))), tmp_path / "scan.nii")
-    full = predict_module.predict_probabilities
+    full = predict_module.predict_case_probabilities
     calls = []
-    monkeypatch.setattr(predict_module, "predict_probabilities", lambda *args: calls.append(1) or full(*args))
+    monkeypatch.setattr(predict_module, "predict_case_probabilities", lambda *args: calls.append(1) or full(*args))
     for probabilities in (False, True):
         out = f"out{probabilities}"
         assert predict(tmp_path, tmp_path / "scan.nii", out=out, probabilities=probabilities) == (1, 0)

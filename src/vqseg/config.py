@@ -67,6 +67,8 @@ class DataConfig:
     label_encoding: str = "auto"  # auto | labels | binary01 | binary255 | threshold | values
     mask_values: list[int] | None = None  # `values` encoding: each class's stored grey level, background first
     slice_axis: int | None = None  # the plan's slicing axis of 3D files; None: each file's largest spacing
+    # Patch mode: the spacing (mm, D H W or in-plane H W) cases are resampled to; empty: their voxels as they are
+    target_spacing: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_range("data.num_classes", self.num_classes, 2)
@@ -143,6 +145,7 @@ class AugConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
     blur_prob: float = 0.5
     cutmix_prob: float = 0.5
+    anisotropic: bool = False  # 3D patches of thick-slice data: rotate and scale in-plane only (nnU-Net)
 
     def __post_init__(self) -> None:
         check_range("aug.rotate_deg", self.rotate_deg, 0, 180)
@@ -215,6 +218,7 @@ class TrainConfig:
     # published 2D protocol); 2 values = 2D patches at the data's own resolution; 3 values = 3D patches.
     patch_size: list[int] = field(default_factory=list)
     foreground_oversample: float = 0.33  # share of patches forced to hold foreground (nnU-Net's)
+    memory_budget_mb: float = 2048.0  # the planner's activation budget for one labelled batch
 
     def __post_init__(self) -> None:
         _check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
@@ -223,6 +227,7 @@ class TrainConfig:
         for i, size in enumerate(self.patch_size):
             check_range(f"train.patch_size[{i}]", size, 1)
         check_range("train.foreground_oversample", self.foreground_oversample, 0, 1)
+        check_range("train.memory_budget_mb", self.memory_budget_mb, 0, low_open=True)
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         for key in ("iterations", "image_size", "batch_size", "unlabeled_batch_size", "val_every", "log_every"):
             check_range(f"train.{key}", getattr(self, key), 1)

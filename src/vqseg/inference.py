@@ -11,14 +11,17 @@ case through windows of that size (``vqseg.sliding_window``), nothing resized.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from vqseg.config import Config
+from vqseg.data.resample import labels_at_shape, resample_image, volume_at_spacing
 from vqseg.data.volumes import Volume, resize_images
 from vqseg.metrics import dice
-from vqseg.sliding_window import sliding_window_labels
+from vqseg.sliding_window import sliding_window_labels, sliding_window_probabilities
 
 
 def model_inputs(image: np.ndarray, size: int, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -96,10 +99,71 @@ def predict_volume_windows(
 def predict_volumes(
     model: nn.Module, volumes: list[Volume], size: int, batch_size: int, device: torch.device, amp: bool = False
 ) -> list[np.ndarray]:
+    return predict_cases(model, volumes, Inference(size, batch_size, amp), device)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How a run predicts whole cases: slices resized to ``image_size`` (resize mode), or sliding
+    windows of ``patch_size`` at ``target_spacing`` (patch mode; empty: the case's own voxels), the
+    probabilities resampled back to the case's grid before the argmax."""
+
+    image_size: int
+    batch_size: int
+    amp: bool = False
+    patch_size: tuple[int, ...] = ()
+    overlap: float = 0.5
+    mirror: bool = False
+    target_spacing: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: Config) -> Inference:
+        return cls(cfg.train.image_size, cfg.eval.batch_size, cfg.train.amp, tuple(cfg.train.patch_size),
+                   cfg.eval.overlap, cfg.eval.mirror, tuple(cfg.data.target_spacing))
+
+
+def _window_probabilities(model: nn.Module, volume: Volume, how: Inference, device: torch.device) -> torch.Tensor:
+    """K x D x H x W class probabilities of a case at the run's target spacing (patch mode)."""
+    image, _ = volume_at_spacing(volume, how.target_spacing or None, num_classes=1)
+    windows = dict(batch_size=how.batch_size, overlap=how.overlap, mirror=how.mirror, device=device, amp=how.amp)
+    if len(how.patch_size) == 3:
+        return sliding_window_probabilities(model, image, how.patch_size, **windows)
+    slices = [sliding_window_probabilities(model, image[:, d], how.patch_size, **windows) for d in range(image.shape[1])]
+    return torch.stack(slices, dim=1)  # each slice its own image
+
+
+@torch.no_grad()
+def predict_case(model: nn.Module, volume: Volume, how: Inference, device: torch.device) -> np.ndarray:
+    """``volume`` -> labels D x H x W (uint8) on its own grid, the model in eval mode; in bounded
+    memory except where a target spacing needs the probabilities resampled back."""
+    if not how.patch_size:
+        return predict_volume(model, volume.image, how.image_size, how.batch_size, device, how.amp)
+    if not how.target_spacing:
+        return predict_volume_windows(model, volume.image, how.patch_size, how.batch_size, device, how.overlap,
+                                      how.mirror, how.amp)
+    grid = volume.image.shape[:1] + volume.image.shape[2:]
+    return labels_at_shape(_window_probabilities(model, volume, how, device), grid).to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def predict_case_probabilities(model: nn.Module, volume: Volume, how: Inference, device: torch.device) -> np.ndarray:
+    """``volume`` -> class probabilities D x K x H x W (float32) on its own grid; their argmax is
+    ``predict_case``'s labels. The whole case at once: only where they are the output."""
+    if not how.patch_size:
+        return predict_probabilities(model, volume.image, how.image_size, how.batch_size, device, how.amp)
+    probabilities = _window_probabilities(model, volume, how, device)
+    grid = volume.image.shape[:1] + volume.image.shape[2:]
+    if tuple(probabilities.shape[1:]) != tuple(grid):
+        probabilities = resample_image(probabilities, grid)
+    return probabilities.movedim(0, 1).numpy()
+
+
+def predict_cases(model: nn.Module, volumes: list[Volume], how: Inference, device: torch.device) -> list[np.ndarray]:
+    """Every case's labels (``predict_case``); the model's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        return [predict_volume(model, v.image, size, batch_size, device, amp) for v in volumes]
+        return [predict_case(model, v, how, device) for v in volumes]
     finally:
         model.train(was_training)
 

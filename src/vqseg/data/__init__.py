@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from vqseg.config import Config
 from vqseg.data import acdc, cvc, phantom, prepare  # noqa: F401  (they register)
+from vqseg.data.plan import plan_patch_run
 from vqseg.data.volumes import DataError, SegmentationData, SliceSet, Volume
 from vqseg.registry import DATASETS
 
 
 def resolve_data_config(cfg: Config) -> None:
-    """Fill in the data.* values a dataset dictates (a prepared one: classes, channels, preprocessing)."""
+    """Fill in the data.* values a dataset dictates (a prepared one: classes, channels, preprocessing)
+    and, in patch mode, what its plan gives the run (target spacing, a 3D U-Net's pooling)."""
     resolve = DATASETS[cfg.data.dataset].resolve
     if resolve is not None:
         resolve(cfg)
+    plan = prepare.open_prepared(prepare.prepared_root(cfg)).info["plan"] if cfg.data.dataset == "prepared" else None
+    plan_patch_run(cfg, plan, cfg.data.root if plan is not None else cfg.data.dataset)
 
 
 def load_training_data(cfg: Config) -> SegmentationData:

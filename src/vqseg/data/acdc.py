@@ -14,8 +14,9 @@ import h5py
 import numpy as np
 
 from vqseg.config import Config, resolve_path
+from vqseg.data.sets import training_set
 from vqseg.data.splits import check_ids, read_splits
-from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, check_volume, stack_slices
+from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, check_volume
 from vqseg.registry import DATASETS
 
 NUM_CLASSES = 4
@@ -127,10 +128,9 @@ def acdc_split_lists(cfg: Config) -> dict[str, list[str]]:
 
 def load_acdc(cfg: Config) -> SegmentationData:
     root, patients = _patients(cfg)
-    size = cfg.train.image_size
     return SegmentationData(
-        labeled=stack_slices(load_volumes(root, patients["labeled"]), size, keep_labels=True),
-        unlabeled=stack_slices(load_volumes(root, patients["unlabeled"]), size, keep_labels=False),
+        labeled=training_set(load_volumes(root, patients["labeled"]), cfg, keep_labels=True),
+        unlabeled=training_set(load_volumes(root, patients["unlabeled"]), cfg, keep_labels=False),
         val=load_volumes(root, patients["val"]),
         num_classes=NUM_CLASSES,
         class_names=CLASS_NAMES,

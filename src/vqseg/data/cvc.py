@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vqseg.config import Config, resolve_path
+from vqseg.data.sets import training_set
 from vqseg.data.splits import SPLITS, read_splits
-from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, check_volume, stack_slices
+from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, check_volume
 from vqseg.registry import DATASETS
 
 CLASS_NAMES = ["polyp"]
@@ -99,10 +100,9 @@ def cvc_split_lists(cfg: Config) -> dict[str, list[str]]:
 def load_cvc(cfg: Config) -> SegmentationData:
     root, splits, is_labeled = _labeled_frames(cfg)
     frames = [read_frame(root, f) for f in splits["train"]]
-    size = cfg.train.image_size
     return SegmentationData(
-        labeled=stack_slices([v for v, lab in zip(frames, is_labeled) if lab], size, keep_labels=True, channels=3),
-        unlabeled=stack_slices([v for v, lab in zip(frames, is_labeled) if not lab], size, keep_labels=False, channels=3),
+        labeled=training_set([v for v, lab in zip(frames, is_labeled) if lab], cfg, keep_labels=True, channels=3),
+        unlabeled=training_set([v for v, lab in zip(frames, is_labeled) if not lab], cfg, keep_labels=False, channels=3),
         val=load_cvc_split(cfg, "val"),
         num_classes=2,
         class_names=CLASS_NAMES,

@@ -7,10 +7,13 @@ so the demo exercises the same code path (volumes, slice training, 3D scoring) a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from vqseg.config import Config
-from vqseg.data.volumes import DatasetReader, SegmentationData, Volume, stack_slices
+from vqseg.data.sets import training_set
+from vqseg.data.volumes import DatasetReader, SegmentationData, Volume
 from vqseg.registry import DATASETS
 
 CLASS_NAMES = ["RV", "Myo", "LV"]
@@ -97,6 +100,17 @@ def _cases(cfg: Config, split: str) -> list[Volume]:
     return make_cases(seed, _case_counts(cfg)[split], prefix)
 
 
+def _first_slices(volumes: list[Volume], count: int) -> list[Volume]:
+    """The cases cut to their first ``count`` slices in all (``data.phantom_labeled`` counts slices)."""
+    kept = []
+    for volume in volumes:
+        take = min(count, len(volume.image))
+        if take:
+            kept.append(replace(volume, image=volume.image[:take], label=volume.label[:take]))
+        count -= take
+    return kept
+
+
 def phantom_split_lists(cfg: Config) -> dict[str, list[str]]:
     return {split: [f"{_SPLITS[split][1]}{i:03d}" for i in range(n)] for split, n in _case_counts(cfg).items()}
 
@@ -106,17 +120,9 @@ def load_phantom_split(cfg: Config, split: str) -> list[Volume]:
 
 
 def load_phantom(cfg: Config) -> SegmentationData:
-    d = cfg.data
-    size = cfg.train.image_size
-    labeled = _cases(cfg, "labeled")
-    unlabeled = _cases(cfg, "unlabeled")
-    labeled_set = stack_slices(labeled, size, keep_labels=True)
-    keep = min(d.phantom_labeled, len(labeled_set))
-    labeled_set.images, labeled_set.labels = labeled_set.images[:keep], labeled_set.labels[:keep]
-    labeled_set.names = labeled_set.names[:keep]
     return SegmentationData(
-        labeled=labeled_set,
-        unlabeled=stack_slices(unlabeled, size, keep_labels=False),
+        labeled=training_set(_first_slices(_cases(cfg, "labeled"), cfg.data.phantom_labeled), cfg, keep_labels=True),
+        unlabeled=training_set(_cases(cfg, "unlabeled"), cfg, keep_labels=False),
         val=load_phantom_split(cfg, "val"),
         num_classes=4,
         class_names=CLASS_NAMES,

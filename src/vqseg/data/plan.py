@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vqseg.config import ModelConfig
+from vqseg.config import Config, ModelConfig
 from vqseg.data.casefiles import SPACING_TOLERANCE, slice_axis
 from vqseg.data.volumes import Volume
 from vqseg.errors import ConfigError
@@ -366,3 +366,29 @@ def describe_configuration(name: str, config: dict | None) -> str:
         f"(about {memory} of {config['memory_budget_mb']:.0f} MB), pooling {pooling}, "
         f"target spacing {spacing}"
     )
+
+
+def plan_patch_run(cfg: Config, plan: dict | None, dataset: str) -> None:
+    """Fill in what a patch-mode run (``train.patch_size``) takes from its dataset's plan, where the
+    config leaves it open, so config.yaml records it: the target spacing and anisotropy of the
+    dataset's 2D or 3D configuration (``plan`` None: a dataset without one, in voxel units), and for
+    ``unet3d`` the pooling and kernels of the patch (nnU-Net's topology); then refuse a patch the
+    memory budget cannot hold."""
+    patch = cfg.train.patch_size
+    if not patch:
+        return
+    spacing = None
+    if plan is not None:
+        conf = configuration(plan, "3d" if len(patch) == 3 else "2d", dataset)
+        spacing = conf["spacing"]
+        if not cfg.data.target_spacing and spacing is not None:
+            cfg.data.target_spacing = list(spacing)
+        cfg.aug.anisotropic = cfg.aug.anisotropic or bool(conf["anisotropic"])
+    if cfg.model.name == "unet3d" and not cfg.model.pool:
+        shape = topology(patch, cfg.data.target_spacing or spacing or [1.0] * len(patch), len(cfg.model.channels))
+        cfg.model.pool, cfg.model.kernels = shape.pool, shape.kernels
+        cfg.model.channels = cfg.model.channels[: len(shape.pool) + 1]
+        cfg.model.dropout = cfg.model.dropout[: len(shape.pool) + 1]
+    pool = cfg.model.pool or [[2] * len(patch)] * (len(cfg.model.channels) - 1)
+    check_patch_memory(patch, cfg.train.batch_size, pool, cfg.model.channels, cfg.train.memory_budget_mb)
+

@@ -34,7 +34,8 @@ from vqseg.config import Config, ConfigError, DataConfig, resolve_path
 from vqseg.data import imagefolder, nnunet
 from vqseg.data.casefiles import Case, check_geometry, decode_labels, read_case, read_file, read_images
 from vqseg.data.plan import FingerprintBuilder, cases_against_plan, describe_configuration, describe_plan, make_plan
-from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume, stack_slices
+from vqseg.data.sets import training_set
+from vqseg.data.volumes import DataError, DatasetReader, SegmentationData, Volume
 from vqseg.registry import DATASETS
 
 SPLIT_FILE = "vqseg_splits.json"
@@ -362,7 +363,7 @@ def open_prepared(root: Path) -> Prepared:
     return Prepared(root, {k: content[k] for k in INFO_KEYS}, cases, splits)
 
 
-def _prepared_root(cfg: Config) -> Path:
+def prepared_root(cfg: Config) -> Path:
     return resolve_path(cfg.data.root)
 
 
@@ -375,7 +376,7 @@ def adopt_prepared_settings(cfg: Config) -> None:
     A key left at its default takes the dataset's value; any other value that disagrees is an error
     (the dataset, not the user, knows its classes, channels and encodings).
     """
-    root = _prepared_root(cfg)
+    root = prepared_root(cfg)
     info = dictated(open_prepared(root).info)
     defaults = DataConfig()
     for key in DICTATED:
@@ -393,12 +394,12 @@ def dictated(info: dict) -> dict:
 
 
 def load_prepared(cfg: Config) -> SegmentationData:
-    prepared = open_prepared(_prepared_root(cfg))
-    size, info = cfg.train.image_size, prepared.info
+    prepared = open_prepared(prepared_root(cfg))
+    info = prepared.info
     channels = info["in_channels"]
     return SegmentationData(
-        labeled=stack_slices(prepared.volumes("labeled"), size, keep_labels=True, channels=channels),
-        unlabeled=stack_slices(prepared.volumes("unlabeled"), size, keep_labels=False, channels=channels),
+        labeled=training_set(prepared.volumes("labeled"), cfg, keep_labels=True, channels=channels),
+        unlabeled=training_set(prepared.volumes("unlabeled"), cfg, keep_labels=False, channels=channels),
         val=prepared.volumes("val"),
         num_classes=info["num_classes"],
         class_names=info["class_names"],
@@ -408,12 +409,12 @@ def load_prepared(cfg: Config) -> SegmentationData:
 
 
 def prepared_split_lists(cfg: Config) -> dict[str, list[str]]:
-    return open_prepared(_prepared_root(cfg)).splits
+    return open_prepared(prepared_root(cfg)).splits
 
 
 def load_prepared_split(cfg: Config, split: str) -> list[Volume]:
     intensity = None if cfg.data.intensity == "auto" else cfg.data.intensity
-    return open_prepared(_prepared_root(cfg)).volumes(split, intensity)
+    return open_prepared(prepared_root(cfg)).volumes(split, intensity)
 
 
 DATASETS.register("prepared")(DatasetReader(load_prepared, load_prepared_split, prepared_split_lists, adopt_prepared_settings))

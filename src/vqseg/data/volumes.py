@@ -77,6 +77,19 @@ class SliceSet:
 
 
 @dataclass
+class CaseSet:
+    """Training cases at their planned resolution (patch mode): images C x D x H x W float32, labels
+    D x H x W (None when unlabelled); patches are drawn from them on the fly (``data/patches.py``)."""
+
+    images: list[Tensor]
+    labels: list[Tensor] | None
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
 class SegmentationData:
     """What training needs from any dataset: slices to train on and the validation cases.
 
@@ -84,8 +97,8 @@ class SegmentationData:
     can select a checkpoint on them.
     """
 
-    labeled: SliceSet
-    unlabeled: SliceSet
+    labeled: SliceSet | CaseSet
+    unlabeled: SliceSet | CaseSet
     val: list[Volume]
     num_classes: int
     class_names: list[str]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch
 
 from vqseg.config import Config, ConfigError, UserError, resume_conflicts, save_config, to_dict
 from vqseg.data import DataError, SegmentationData, load_training_data, resolve_data_config, split_lists
+from vqseg.data.patches import PatchSampler
+from vqseg.data.volumes import CaseSet, SliceSet
 from vqseg.engine.checkpoint import rng_state, set_rng_state
 from vqseg.engine.distributed import (
     DistInfo,
@@ -39,7 +42,7 @@ from vqseg.engine.run_dir import (
     run_folder_lock,
 )
 from vqseg.engine.sampler import InfiniteSampler
-from vqseg.inference import mean_dice, predict_volumes
+from vqseg.inference import Inference, mean_dice, predict_cases
 from vqseg.io import load_checkpoint, load_weights, replace_atomically, save_atomic
 from vqseg.methods import method_class
 from vqseg.methods.base import Batch, Method, StepOutput
@@ -72,25 +75,42 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class Streams:
-    """Where the next labelled and unlabelled batch indices come from; part of the resumable state."""
+    """Where the next labelled and unlabelled batches come from; part of the resumable state.
 
-    labeled: InfiniteSampler
-    unlabeled: InfiniteSampler | None
+    Resize mode: indices of the resized slices. Patch mode (``train.patch_size``): patches drawn
+    from the cases (``data/patches.py``), a share forced onto foreground.
+    """
+
+    labeled: InfiniteSampler | PatchSampler
+    unlabeled: InfiniteSampler | PatchSampler | None
 
     @classmethod
     def for_rank(cls, cfg: Config, data: SegmentationData, uses_unlabeled: bool, info: DistInfo) -> Streams:
         """Each process draws its share of the global batch from its own seeded stream."""
         t = cfg.train
         seed = cfg.seed * 1000 + info.rank
+
+        def stream(cases: SliceSet | CaseSet, batch: int, seed: int) -> InfiniteSampler | PatchSampler:
+            if isinstance(cases, SliceSet):
+                return InfiniteSampler(len(cases), batch, seed)
+            sampler = PatchSampler(cases.images, cases.labels, t.patch_size, batch, seed, t.foreground_oversample)
+            if info.is_main and sampler.padding_note():
+                print(f"vqseg: {sampler.padding_note()}", file=sys.stderr, flush=True)
+            return sampler
+
         return cls(
-            InfiniteSampler(len(data.labeled), t.batch_size // info.world_size, seed),
-            InfiniteSampler(len(data.unlabeled), t.unlabeled_batch_size // info.world_size, seed + 500)
-            if uses_unlabeled
-            else None,
+            stream(data.labeled, t.batch_size // info.world_size, seed),
+            stream(data.unlabeled, t.unlabeled_batch_size // info.world_size, seed + 500) if uses_unlabeled else None,
         )
 
     def next_batch(self, data: SegmentationData, method: Method, device: torch.device) -> Batch:
-        """The next slices, as the method's networks take them (``Method.training_inputs``)."""
+        """The next slices or patches, as the method's networks take them (``Method.training_inputs``)."""
+        if isinstance(self.labeled, PatchSampler):
+            patches = self.labeled.next()
+            batch = Batch(labeled=patches.images.to(device), labels=patches.labels.to(device).long())
+            if self.unlabeled is not None:
+                batch.unlabeled = self.unlabeled.next().images.to(device)
+            return batch
         li = self.labeled.next()
         batch = Batch(
             labeled=method.training_inputs(data.labeled.images[li].to(device, non_blocking=True), li, "labeled"),
@@ -389,7 +409,7 @@ def _scalars(logs: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _validate(cfg: Config, method: Method, data: SegmentationData, device: torch.device) -> float:
-    predictions = predict_volumes(method.predictor(), data.val, cfg.train.image_size, cfg.eval.batch_size, device, cfg.train.amp)
+    predictions = predict_cases(method.predictor(), data.val, Inference.of(cfg), device)
     return mean_dice(predictions, data.val, data.num_classes)
 
 

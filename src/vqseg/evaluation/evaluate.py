@@ -25,7 +25,7 @@ from vqseg.data import Volume, load_split, split_lists
 from vqseg.data.casefiles import prediction_filename, stored_values, write_labels
 from vqseg.data.prepare import open_prepared
 from vqseg.data.volumes import DataError
-from vqseg.inference import predict_volumes
+from vqseg.inference import Inference, predict_cases
 from vqseg.io import replace_atomically
 from vqseg.metrics import ClassScore, aggregate, format_markdown, score_volume
 from vqseg.run import check_pinned_split, load_run, run_rules, select_device
@@ -158,7 +158,7 @@ def evaluate_run(
     dev = select_device(device)
     predictor.to(dev)
     began = time.time()
-    predictions = predict_volumes(predictor, volumes, cfg.train.image_size, cfg.eval.batch_size, dev, cfg.train.amp)
+    predictions = predict_cases(predictor, volumes, Inference.of(cfg), dev)
     predict_s = time.time() - began
     # The run's eval.spacing describes its own data; another dataset's headers describe theirs.
     override = spacing if spacing is not None or data_dir else cfg.eval.spacing

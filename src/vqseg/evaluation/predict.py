@@ -34,7 +34,7 @@ from vqseg.data.casefiles import (
 )
 from vqseg.data.nnunet import CHANNEL_FILE
 from vqseg.data.volumes import DataError
-from vqseg.inference import predict_probabilities, predict_volume
+from vqseg.inference import Inference, predict_case, predict_case_probabilities
 from vqseg.models.pretrained import set_cache_writes
 from vqseg.progress import progress_bar
 from vqseg.run import load_run, run_rules, select_device
@@ -124,9 +124,10 @@ def _predict_case(case: Case, run: _Run, out_dir: Path, written: set[Path], over
     if target.resolve() in {p.resolve() for p in case.images} or target in written:
         raise DataError(f"{case.images[0]}: its output {target} would overwrite an input or another output")
     # Full-volume probabilities (K float32 per voxel) only when asked for; else the chunked argmax of evaluate.
-    inference = (run.predictor, volume.image, cfg.train.image_size, cfg.eval.batch_size, run.device, cfg.train.amp)
-    probs = predict_probabilities(*inference) if probabilities else None
-    labels = probs.argmax(axis=1).astype(np.uint8) if probs is not None else predict_volume(*inference)
+    how = Inference.of(cfg)
+    probs = predict_case_probabilities(run.predictor, volume, how, run.device) if probabilities else None
+    labels = probs.argmax(axis=1).astype(np.uint8) if probs is not None else predict_case(run.predictor, volume, how,
+                                                                                           run.device)
     write_labels(labels, volume, target, stored_values(run.encoding, cfg.data.num_classes, cfg.data.mask_values))
     written.add(target)
     extras = []
