@@ -16,6 +16,7 @@ from vqseg.config import Config, ConfigError, UserError, load_config
 from vqseg.data.casefiles import resolved_rules
 from vqseg.io import load_checkpoint, load_weights, replace_atomically
 from vqseg.methods import Method, build_method
+from vqseg.methods.base import example_input
 from vqseg.models import build_model
 from vqseg.models.pretrained import channels_last
 from vqseg.modules.attach import insert_uafs
@@ -40,8 +41,7 @@ def build_network(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.M
     """The configured backbone, with UAFS blocks inserted after the named layers if any."""
     model = build_model(cfg.model, in_channels, num_classes)
     if cfg.model.uafs_layers:
-        example = torch.zeros(2, in_channels, cfg.train.image_size, cfg.train.image_size)
-        insert_uafs(model, cfg.model.uafs_layers, example_input=example)
+        insert_uafs(model, cfg.model.uafs_layers, example_input=example_input(cfg, in_channels))
     return model
 
 

@@ -386,6 +386,12 @@ def plan_patch_run(cfg: Config, plan: dict | None, dataset: str) -> None:
         cfg.aug.anisotropic = cfg.aug.anisotropic or bool(conf["anisotropic"])
     if cfg.model.name == "unet3d" and not cfg.model.pool:
         shape = topology(patch, cfg.data.target_spacing or spacing or [1.0] * len(patch), len(cfg.model.channels))
+        if any(size % factor for size, factor in zip(patch, shape.divisor)):
+            fitting = [max(1, round(size / factor)) * factor for size, factor in zip(patch, shape.divisor)]
+            raise ConfigError(
+                f"train.patch_size={list(patch)}: the planned pooling {shape.pool} needs multiples of "
+                f"{shape.divisor} per axis, e.g. {fitting}"
+            )
         cfg.model.pool, cfg.model.kernels = shape.pool, shape.kernels
         cfg.model.channels = cfg.model.channels[: len(shape.pool) + 1]
         cfg.model.dropout = cfg.model.dropout[: len(shape.pool) + 1]

@@ -55,7 +55,7 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.augment = Augmenter(cfg.aug, cfg.data.in_channels)
+        self.augment = Augmenter(cfg.aug, cfg.data.in_channels, anisotropic=cfg.aug.anisotropic)
         self.student = model_factory()
         self.pdcr = _pdcr_config(cfg)
         self.pdcr_proj: nn.Module | None = None
@@ -401,6 +401,12 @@ class DistributionAlignment(nn.Module):
         return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def example_input(cfg: Config, channels: int) -> Tensor:
+    """Zeros shaped like a training batch of two (patches, or resized slices), for dry runs."""
+    spatial = cfg.train.patch_size or [cfg.train.image_size] * 2
+    return torch.zeros(2, channels, *spatial)
+
+
 def _pdcr_config(cfg: Config) -> PDCRConfig | None:
     p = cfg.pdcr
     if not p.layers and not p.cross_layer:
@@ -419,7 +425,6 @@ def _pdcr_config(cfg: Config) -> PDCRConfig | None:
 
 def _cross_projection(model: nn.Module, pdcr: PDCRConfig, cfg: Config) -> nn.Module | None:
     """A linear map between the two cross-layer feature spaces when their widths differ."""
-    size = cfg.train.image_size
-    channels = infer_channels(model, list(pdcr.cross_layer), torch.zeros(2, cfg.data.in_channels, size, size))
+    channels = infer_channels(model, list(pdcr.cross_layer), example_input(cfg, cfg.data.in_channels))
     c_a, c_b = (channels[name] for name in pdcr.cross_layer)
     return None if c_a == c_b else nn.Linear(c_b, c_a)

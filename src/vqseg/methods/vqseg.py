@@ -188,6 +188,11 @@ class VQSeg(Method):
         # degenerate (the target is the backbone's own input to the quantizer): PFA then needs
         # another foundation model, else it is off.
         self.use_pfa = bool(p.pfa) and cfg.model.name != p.foundation
+        if self.use_pfa and cfg.train.patch_size:
+            raise ConfigError(
+                f"method.pfa: PFA's foundation features are cached per resized slice, not per patch "
+                f"(train.patch_size={cfg.train.patch_size}); set method.pfa=false or method.foundation=none"
+            )
         if p.pfa and not self.use_pfa:
             print(f"vqseg: PFA off: the backbone is {cfg.model.name} itself; set method.foundation to another "
                   "model to align to it", file=sys.stderr, flush=True)

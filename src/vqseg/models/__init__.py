@@ -35,6 +35,8 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> Segment
 def _check_unet(cfg: Config) -> None:
     """Each U-Net level below the first halves the image (max-pooling, rounding down); below a
     1 x 1 bottleneck the pooling fails."""
+    if len(cfg.train.patch_size) == 3:
+        raise ConfigError(f"train.patch_size={cfg.train.patch_size} is 3D: use model.name=unet3d (unet is 2D)")
     smallest = 2 ** (len(cfg.model.channels) - 1)
     if cfg.train.image_size < smallest:
         raise ConfigError(

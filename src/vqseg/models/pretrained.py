@@ -61,7 +61,13 @@ def default_encoder_input(name: str, image_size: int) -> int:
 
 
 def resolve_encoder_input(cfg: Config) -> None:
-    """``model.encoder_input`` 0 becomes the size it stands for, so config.yaml records the size used."""
+    """``model.encoder_input`` 0 becomes the size it stands for, so config.yaml records the size used.
+    Patch mode is for the U-Nets: a frozen encoder's features are cached per resized slice."""
+    if cfg.train.patch_size:
+        raise ConfigError(
+            f"train.patch_size={cfg.train.patch_size}: model.name={cfg.model.name} trains on resized slices "
+            "(its frozen features are cached per slice); use resize mode (no patch_size) or model.name=unet/unet3d"
+        )
     if cfg.model.encoder_input == 0:
         cfg.model.encoder_input = default_encoder_input(cfg.model.name, cfg.train.image_size)
     check_encoder_input(cfg.model.name, cfg.model.encoder_input)

@@ -74,10 +74,10 @@ def _check_unet3d(cfg: Config) -> None:
     """The plan fits ``model.channels``, and a patch is 3D and divisible by the total pooling."""
     pool, _ = stage_plan(cfg.model)
     patch = cfg.train.patch_size
-    if not patch:
-        return
     if len(patch) != 3:
         raise ConfigError(f"train.patch_size={patch}: model.name=unet3d trains on 3D patches, give [d, h, w]")
+    if not cfg.model.pool:
+        return  # the plan fills it for this patch (data/plan.py, plan_patch_run)
     total = total_pooling(pool)
     if any(size % factor for size, factor in zip(patch, total)):
         fitting = [max(1, round(size / factor)) * factor for size, factor in zip(patch, total)]
