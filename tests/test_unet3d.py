@@ -4,6 +4,7 @@ strides, its blocks, the default plan, the config checks, layer names and gradie
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -99,7 +100,6 @@ def test_resolve_accepts_a_divisible_3d_patch() -> None:
         ({"model.pool": [[2, 2]] * 3}, r"model\.pool\[0\]=\[2, 2\]: give 3 sizes"),
         ({"model.kernels": [[3, 3, 2]] * 4}, r"model\.kernels\[0\].*odd"),
         ({"train.patch_size": [32, 32]}, r"train\.patch_size=\[32, 32\]: .*3D patches"),
-        ({"train.patch_size": [8, 20, 32]}, r"not divisible by the total pooling \[8, 8, 8\] of the default"),
         ({"model.pool": POOL, "train.patch_size": [3, 32, 32]}, r"pooling \[2, 8, 8\] of model\.pool .*\[4, 32, 32\]"),
     ],
 )
@@ -134,3 +134,19 @@ def test_gradients_reach_every_weight() -> None:
         if name.endswith("weight"):
             assert parameter.grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0
+
+
+def test_the_plan_fills_an_empty_pooling_and_refuses_a_patch_it_does_not_divide() -> None:
+    """With model.pool empty the planner (data/plan.py) fills pooling and kernels for the patch and
+    spacing, trims model.channels to the stages it plans, and refuses a patch its pooling cannot divide."""
+    from vqseg.data import resolve_data_config
+
+    cfg = load_config(None, unet3d_config(**{"data.dataset": "phantom", "train.patch_size": [8, 32, 32]}))
+    resolve_data_config(cfg)
+    assert cfg.model.pool and len(cfg.model.kernels) == len(cfg.model.pool) + 1 == len(cfg.model.channels)
+    total = [math.prod(axis) for axis in zip(*cfg.model.pool)]
+    assert all(size % factor == 0 for size, factor in zip([8, 32, 32], total))
+    odd = load_config(None, unet3d_config(**{"data.dataset": "phantom", "train.patch_size": [9, 20, 32]}))
+    with pytest.raises(ConfigError, match=r"train\.patch_size=\[9, 20, 32\]: the planned pooling .* multiples of"):
+        resolve_data_config(odd)
+
