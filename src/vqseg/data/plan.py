@@ -224,8 +224,8 @@ def check_patch_memory(
     if needed > budget_mb:
         raise ConfigError(
             f"train.patch_size={list(patch)} with a batch of {batch_size} needs about {needed:.0f} MB of activations "
-            f"(U-Net widths {list(channels[: len(pool) + 1])}), over the memory budget of {budget_mb:.0f} MB: "
-            "give a smaller train.patch_size or batch size"
+            f"(U-Net widths {list(channels[: len(pool) + 1])}), over the memory budget of {budget_mb:g} MB: "
+            "give a smaller train.patch_size or batch size, or raise train.memory_budget_mb"
         )
     return needed
 

@@ -93,15 +93,16 @@ class Streams:
         def stream(cases: SliceSet | CaseSet, batch: int, seed: int) -> InfiniteSampler | PatchSampler:
             if isinstance(cases, SliceSet):
                 return InfiniteSampler(len(cases), batch, seed)
-            sampler = PatchSampler(cases.images, cases.labels, t.patch_size, batch, seed, t.foreground_oversample)
-            if info.is_main and sampler.padding_note():
-                print(f"vqseg: {sampler.padding_note()}", file=sys.stderr, flush=True)
-            return sampler
+            return PatchSampler(cases.images, cases.labels, t.patch_size, batch, seed, t.foreground_oversample)
 
-        return cls(
+        streams = cls(
             stream(data.labeled, t.batch_size // info.world_size, seed),
             stream(data.unlabeled, t.unlabeled_batch_size // info.world_size, seed + 500) if uses_unlabeled else None,
         )
+        notes = [s.padding_note() for s in (streams.labeled, streams.unlabeled) if isinstance(s, PatchSampler)]
+        if info.is_main and any(notes):  # one line for the run: cases smaller than the patch are padded
+            print(f"vqseg: {next(n for n in notes if n)}", file=sys.stderr, flush=True)
+        return streams
 
     def next_batch(self, data: SegmentationData, method: Method, device: torch.device) -> Batch:
         """The next slices or patches, as the method's networks take them (``Method.training_inputs``)."""

@@ -396,8 +396,9 @@ class DistributionAlignment(nn.Module):
         """Aligned N x C x H x W probabilities; folds this batch's mean into the unlabelled estimate."""
         if self.labeled_steps.item() == 0:
             raise RuntimeError("distribution alignment needs a labelled batch first (observe_labels)")
-        unlabeled = self._update("unlabeled", probs.mean(dim=(0, 2, 3)))
-        aligned = probs * (self._mean("labeled") / unlabeled.clamp_min(1e-6))[None, :, None, None]
+        unlabeled = self._update("unlabeled", probs.mean(dim=(0, *range(2, probs.ndim))))
+        ratio = self._mean("labeled") / unlabeled.clamp_min(1e-6)
+        aligned = probs * ratio.view(1, -1, *[1] * (probs.ndim - 2))
         return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 

@@ -38,15 +38,16 @@ class CPSConfig(MethodConfig):
 
 
 def init_conv_weights(model: nn.Module, init: Callable[[Tensor], Tensor]) -> None:
-    """SSL4MIS's two initialisations: ``init`` on every Conv2d weight, batch norm to identity;
-    a pretrained backbone keeps its weights (only the head and stem differ between the two networks)."""
+    """SSL4MIS's two initialisations (2D and 3D): ``init`` on every convolution's weight, batch or
+    affine instance norm to identity; a pretrained backbone keeps its weights (only the head and stem
+    differ between the two networks)."""
     kept = {id(m) for backbone in pretrained.pretrained_backbones(model) for m in backbone.modules()}
     for m in model.modules():
         if id(m) in kept:
             continue
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             init(m.weight)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
