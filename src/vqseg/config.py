@@ -52,7 +52,7 @@ def expand_env(text: str) -> str:
 
 @dataclass
 class DataConfig:
-    dataset: str = "acdc"  # acdc | phantom | cvc | prepared (any folder `vqseg prepare` has verified)
+    dataset: str = "acdc"  # acdc | phantom | vessels | cvc | prepared (any folder `vqseg prepare` has verified)
     root: str = "${VQSEG_DATA:-../shared/data}/acdc"
     labeled_cases: int | list[int] = 3  # a count from the split's labelled order, or patient ids
     num_classes: int = 4

@@ -5,7 +5,7 @@ importing this package registers the built-in ones."""
 from __future__ import annotations
 
 from vqseg.config import Config
-from vqseg.data import acdc, cvc, phantom, prepare  # noqa: F401  (they register)
+from vqseg.data import acdc, cvc, phantom, prepare, vessels  # noqa: F401  (they register)
 from vqseg.data.plan import plan_patch_run
 from vqseg.data.volumes import DataError, SegmentationData, SliceSet, Volume
 from vqseg.registry import DATASETS

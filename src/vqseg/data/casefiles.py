@@ -42,7 +42,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 INTENSITY_RULES = ("divide255", "percentile", "minmax")
 LABEL_ENCODINGS = ("labels", "binary01", "binary255", "threshold", "values")
 # What ``auto`` means for the bundled datasets (their readers normalise on their own).
-_BUNDLED = {"acdc": ("minmax", "labels"), "phantom": ("minmax", "labels"), "cvc": ("divide255", "threshold")}
+_BUNDLED = {
+    "acdc": ("minmax", "labels"), "phantom": ("minmax", "labels"), "vessels": ("minmax", "labels"),
+    "cvc": ("divide255", "threshold"),
+}
 _GREY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
 
 

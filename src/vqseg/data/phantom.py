@@ -20,7 +20,7 @@ CLASS_NAMES = ["RV", "Myo", "LV"]
 SLICES_PER_CASE = 6
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
     """Low-frequency noise by bilinear upsampling of a coarse random grid (texture, bias field)."""
     coarse = rng.standard_normal((cells + 1, cells + 1))
     ys = np.linspace(0, cells, shape[0])
@@ -61,14 +61,14 @@ def make_case(rng: np.random.Generator, name: str, slices: int = SLICES_PER_CASE
         label[rv] = 1
         label[r < r_lv + wall] = 2
         label[r < r_lv] = 3
-        tissue = 0.25 + 0.05 * _smooth_noise(rng, shape, 8)
+        tissue = 0.25 + 0.05 * smooth_noise(rng, shape, 8)
         intensity = np.select(
             [label == 3, label == 2, label == 1],
             [rng.uniform(0.75, 0.9), rng.uniform(0.3, 0.4), rng.uniform(0.65, 0.8)],
             default=0.0,
         )
-        image = np.where(label > 0, intensity, tissue) + 0.04 * _smooth_noise(rng, shape, 16)
-        image *= 1.0 + 0.25 * _smooth_noise(rng, shape, 2)  # coil bias field
+        image = np.where(label > 0, intensity, tissue) + 0.04 * smooth_noise(rng, shape, 16)
+        image *= 1.0 + 0.25 * smooth_noise(rng, shape, 2)  # coil bias field
         noise = rng.normal(0, 0.04, (2, h, w))
         image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
         images.append(image / image.max())
@@ -130,4 +130,4 @@ def load_phantom(cfg: Config) -> SegmentationData:
     )
 
 
-DATASETS.register("phantom")(DatasetReader(load_phantom, load_phantom_split, phantom_split_lists))
+DATASETS.register("phantom")(DatasetReader(load_phantom, load_phantom_split, phantom_split_lists, synthetic=True))

@@ -28,6 +28,7 @@ class DatasetReader:
     load_split: Callable[[Any, str], list[Volume]]
     split_lists: Callable[[Any], dict[str, list[str]]]
     resolve: Callable[[Any], None] | None = None
+    synthetic: bool = False  # generated, no files: named by the dataset, not by data.root
 
 
 class DataError(UserError):

@@ -28,6 +28,7 @@ from vqseg.data.volumes import DataError
 from vqseg.inference import Inference, predict_cases
 from vqseg.io import replace_atomically
 from vqseg.metrics import ClassScore, aggregate, format_markdown, score_volume
+from vqseg.registry import DATASETS
 from vqseg.run import check_pinned_split, load_run, run_rules, select_device
 
 CSV_COLUMNS = ("case", "class", "dice", "jaccard", "hd95", "asd", "missed", "units")
@@ -93,7 +94,7 @@ def other_dataset_volumes(
 
 
 def _data_name(cfg: Config) -> str:
-    return cfg.data.dataset if cfg.data.dataset == "phantom" else str(resolve_path(cfg.data.root))
+    return cfg.data.dataset if DATASETS[cfg.data.dataset].synthetic else str(resolve_path(cfg.data.root))
 
 
 def _scored(labels: np.ndarray, spacing: tuple[float, ...] | None) -> tuple[np.ndarray, tuple[float, ...] | None]:
