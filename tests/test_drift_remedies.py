@@ -150,3 +150,37 @@ def test_the_switches_are_off_by_default_and_checked():
 
     with pytest.raises(ConfigError, match="method.class_threshold_momentum"):
         tiny_config(**{"method.name": "vqseg", "method.class_threshold_momentum": 1.0})
+
+
+# --------------------------------------------------------------------------------------------
+# The codebook on a pooled grid (method.vq_pool)
+# --------------------------------------------------------------------------------------------
+
+
+def test_vq_pool_quantizes_block_means_and_keeps_the_detail(monkeypatch):
+    """vq_pool=2: the quantizer sees the level's 2x2 block means; the decoder gets the quantized
+    coarse map (nearest-upsampled) plus the level minus its upsampled block means."""
+    from test_vqseg_recipe import spy_decoders
+
+    from vqseg.config import ConfigError
+    from vqseg.models.vq_net import VQSegNet
+    from vqseg.run import build_network
+
+    torch.manual_seed(0)
+    base = build_network(tiny_config(**{"model.dropout": [0.0] * 5}), 1, 4)
+    net = VQSegNet(base, 1, [2], 32, 0.25, True, True, 8, pool=2).train()
+    seen = spy_decoders(net, monkeypatch)
+    inputs = []
+    net.quantizers["2"].register_forward_hook(lambda m, i, o: inputs.append((i[0], o)))
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    z = net.base.encode(x).levels[2]
+    net.run(x)
+    (coarse, out), = inputs
+    torch.testing.assert_close(coarse, F.avg_pool2d(z, 2))
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
+    torch.testing.assert_close(seen.decode[0][2], up(out.quantized) + z - up(F.avg_pool2d(z, 2)))
+    assert out.indices.shape == (2, 4, 4)  # 8 x 8 level, codes on its 4 x 4 block grid
+    assert tiny_config(**{"method.name": "vqseg"}).method.vq_pool == 1  # the paper: the level itself
+    odd = VQSegNet(build_network(tiny_config(), 1, 4), 1, [2], 32, 0.25, False, True, 8, pool=3)
+    with pytest.raises(ConfigError, match="method.vq_pool=3 does not divide level 2"):
+        odd.run(x)

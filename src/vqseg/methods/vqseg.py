@@ -86,6 +86,10 @@ class VQSegConfig(MethodConfig):
     cosine: bool = True  # L2-normalised codes and features (prevents collapse on CNN features)
     code_dim: int = 32  # width of the code lookup space (factorized codes); 0 = the feature width
     vq_center: bool = False  # standardise features (affine-free batch norm) before the lookup (frozen encoders)
+    # The codebook on the level average-pooled by this factor (not in the paper; 1 = the level itself):
+    # the quantized coarse map replaces the level's block means, its finer detail is kept (a fine level,
+    # e.g. LiteMedSAM's neck at stride 4, would otherwise put 16x the tokens through a 16k codebook).
+    vq_pool: int = 1
     backbone_dropout: bool = False  # keep the backbone's own dropout layers (see VQSeg.__init__)
     dual_branch: bool | None = None  # unset: the preset's, else on
     pfa: bool | None = None  # unset: the preset's, else on unless foundation is none
@@ -153,6 +157,7 @@ class VQSegConfig(MethodConfig):
         check_range("method.dropout", self.dropout, 0, 1, high_open=True)
         check_range("method.codebook_size", self.codebook_size, 2)  # QPM jumps between two codes at least
         check_range("method.pfa_samples", self.pfa_samples, 1)
+        check_range("method.vq_pool", self.vq_pool, 1)
         if not self.vq_levels:
             raise ConfigError("method.vq_levels is empty; give at least one encoder level to quantize (-1: deepest)")
 
@@ -172,7 +177,7 @@ class VQSeg(Method):
                     module.p = 0.0
         self.student = VQSegNet(
             self.student, cfg.data.in_channels, p.vq_levels, p.codebook_size, p.beta, p.dual_branch, p.cosine, p.code_dim,
-            p.vq_center,
+            p.vq_center, p.vq_pool,
         )
         self.teacher = make_teacher(self.student)
         self.align = DistributionAlignment(num_classes, p.dist_align_momentum) if p.dist_align else None

@@ -132,9 +132,11 @@ class VQSegNet(nn.Module):
         cosine: bool = True,
         code_dim: int = 0,
         center: bool = False,
+        pool: int = 1,
     ) -> None:
         super().__init__()
         self.base = base
+        self.pool = pool
         channels = base.feature_channels
         depth = len(channels)
         if not all(-depth <= level < depth for level in levels):
@@ -176,12 +178,19 @@ class VQSegNet(nn.Module):
         vq_loss, perplexity, post_vq = x.new_zeros(()), x.new_zeros(()), levels[-1]
         codes: dict[str, VQOutput] = {}
         for level in self.levels:
-            out = self.quantizers[str(level)](levels[level], perturb=perturb)
+            z = levels[level]
+            if any(side % self.pool for side in z.shape[2:]):
+                raise ConfigError(f"method.vq_pool={self.pool} does not divide level {level}'s grid {tuple(z.shape[2:])}")
+            coarse = _avg_pool(z, self.pool) if self.pool > 1 else z
+            out = self.quantizers[str(level)](coarse, perturb=perturb)
             codes[str(level)] = out
             vq_loss = vq_loss + out.loss
             perplexity = perplexity + out.perplexity / len(self.levels)
             post_vq = out.quantized
-            levels[level] = _channel_dropout(out.quantized, dropout) if dropout > 0 else out.quantized
+            quantized = out.quantized
+            if self.pool > 1:  # the quantized coarse map, plus the detail below its grid
+                quantized = _nearest_up(quantized, self.pool) + (z - _nearest_up(coarse, self.pool))
+            levels[level] = _channel_dropout(quantized, dropout) if dropout > 0 else quantized
         recon = None
         if reconstruct and self.recon_decoder is not None:
             mode = "bilinear" if x.dim() == 4 else "trilinear"
@@ -213,3 +222,13 @@ class VQSegNet(nn.Module):
 def _channel_dropout(x: Tensor, p: float) -> Tensor:
     """Drop whole channels of a 2D or 3D map (the paper's comparison perturbation), in any mode."""
     return (F.dropout2d if x.dim() == 4 else F.dropout3d)(x, p, training=True)
+
+
+def _avg_pool(x: Tensor, factor: int) -> Tensor:
+    """Average over factor^d blocks of a 2D or 3D map (``method.vq_pool``: the grid the codebook sits on)."""
+    return (F.avg_pool3d if x.dim() == 5 else F.avg_pool2d)(x, factor)
+
+
+def _nearest_up(x: Tensor, factor: int) -> Tensor:
+    return F.interpolate(x, scale_factor=factor, mode="nearest")
+
