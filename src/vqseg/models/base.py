@@ -32,6 +32,20 @@ class Features:
         return Features([level[index] for level in self.levels], None if self.stem is None else self.stem[index])
 
 
+class LevelEncoder(nn.Module):
+    """A U-Net encoder: ``stem`` at full resolution, then each of ``downs`` halves (or pools) the
+    previous level; every output is a level (its skip), the first included."""
+
+    stem: nn.Module
+    downs: nn.ModuleList
+
+    def forward(self, x: Tensor) -> Features:
+        levels = [self.stem(x)]
+        for down in self.downs:
+            levels.append(down(levels[-1]))
+        return Features(levels)
+
+
 class SegmentationHead(nn.Conv2d):
     """The classifier: one convolution from the decoder's map to class logits."""
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vqseg.models.base import Features
+from vqseg.models.base import Features, LevelEncoder
 
 
 class ConvBlock(nn.Sequential):
@@ -28,7 +28,7 @@ class ConvBlock(nn.Sequential):
         )
 
 
-class UNetEncoder(nn.Module):
+class UNetEncoder(LevelEncoder):
     """Five levels, the first at full resolution (the U-Net's first block is a level with a skip)."""
 
     def __init__(self, in_channels: int, channels: list[int], dropout: list[float]) -> None:
@@ -43,11 +43,6 @@ class UNetEncoder(nn.Module):
             for c_in, c_out, p in zip(channels[:-1], channels[1:], dropout[1:])
         )
 
-    def forward(self, x: Tensor) -> Features:
-        levels = [self.stem(x)]
-        for down in self.downs:
-            levels.append(down(levels[-1]))
-        return Features(levels)
 
 
 class UpBlock(nn.Module):

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from vqseg.config import Config, ConfigError, ModelConfig
-from vqseg.models.base import Features, SegmentationModel
+from vqseg.models.base import Features, LevelEncoder, SegmentationModel
 from vqseg.registry import MODELS
 
 DEFAULT_POOL = [2, 2, 2]
@@ -109,7 +109,7 @@ class StackedConvs(nn.Sequential):
         )
 
 
-class UNet3DEncoder(nn.Module):
+class UNet3DEncoder(LevelEncoder):
     """One level per stage, the first at full resolution."""
 
     def __init__(self, in_channels: int, channels: list[int], pool: list[list[int]], kernels: list[list[int]]) -> None:
@@ -123,11 +123,6 @@ class UNet3DEncoder(nn.Module):
             for c_in, c_out, kernel, stride in zip(channels[:-1], channels[1:], kernels[1:], pool)
         )
 
-    def forward(self, x: Tensor) -> Features:
-        levels = [self.stem(x)]
-        for down in self.downs:
-            levels.append(down(levels[-1]))
-        return Features(levels)
 
 
 class UpStage(nn.Module):
