@@ -19,7 +19,6 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from train_speed import REPO, measure  # noqa: E402  (same folder: one step worker for both benchmarks)
 

@@ -98,6 +98,9 @@ class ModelConfig:
     stem_channels: int = 16  # image stem width (one 3x3 conv at full resolution, fused at half)
     encoder_precision: str = "fp32"  # fp32 | bf16: what a pretrained encoder computes in (cached features too)
     level_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 16])  # LiteMedSAM's pyramid, of the input
+    # frozen LiteMedSAM: cache what enters the neck and train the neck (at train.encoder_lr), so that
+    # the unlabelled data can shape the features again (issue 26); the stages before it stay frozen
+    train_neck: bool = False
     # unet3d (nnU-Net's generic 3D U-Net), one entry per stage below the first (from the plan when empty):
     pool: list[list[int]] = field(default_factory=list)  # per-axis downsampling, e.g. [1, 2, 2] keeps depth
     kernels: list[list[int]] = field(default_factory=list)  # per-axis kernel of every stage, first included
@@ -114,6 +117,11 @@ class ModelConfig:
                     f"model.{key}={strides}: give 4 strides, each a multiple of {list(cached)}"
                     + (" (the strides the feature cache keeps)" if key == "level_strides" else "")
                 )
+        if self.train_neck and (self.name != "litemedsam" or self.encoder_mode != "frozen"):
+            raise ConfigError(
+                f"model.train_neck: only for a frozen LiteMedSAM encoder (model.name={self.name}, "
+                f"model.encoder_mode={self.encoder_mode}); fine-tuning trains the neck already"
+            )
         if self.name == "dinov2" and self.level_strides != [4, 8, 16, 16]:
             raise ConfigError("model.level_strides is LiteMedSAM's; DINOv2's levels all lie on its 14-pixel patch grid")
         check_range("model.encoder_input", self.encoder_input, 0)

@@ -84,8 +84,9 @@ class Method(nn.Module):
         ``state_dict`` so that a resumed run continues identically."""
 
     def parameter_groups(self) -> list[dict]:
-        """Optimiser groups: trainable pretrained-backbone weights (fine-tuning) at ``train.encoder_lr``,
-        everything else at ``train.lr``; a group left empty is dropped."""
+        """Optimiser groups: trainable pretrained weights (a fine-tuned backbone, a frozen LiteMedSAM's
+        trained neck) at ``train.encoder_lr``, everything else at ``train.lr``; a group left empty is
+        dropped."""
         backbone = {id(p) for m in pretrained.pretrained_backbones(self) for p in m.parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
         groups = [

@@ -21,6 +21,8 @@ Pyramids (``timm`` ``features_only`` style, shallowest first):
   16 MB fully native), and the model average-pools them further to ``model.level_strides``
   (default 4, 8, 16, 16: the DPT head reads them at strides 4-32, and VQ-Seg's codebook sits on a
   16 x 16 map like the paper's DINOv2 patch grid); one cache serves every choice of strides.
+  ``model.train_neck``: the cache keeps what enters the neck (the last stage's 320 channels at
+  stride 4) instead, and the encoder runs a trainable copy of the neck on it (``PretrainedEncoder.neck``).
 - ``dinov2``: blocks 2, 5, 8 and 11 (384 channels each, final norm) on the 14-pixel patch grid,
   as UniMatch V2's DPT takes them.
 
@@ -30,6 +32,7 @@ The model's encoder returns levels 1-4 and, beside them, the image stem's full-r
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,12 +98,14 @@ class PyramidBackbone(nn.Module):
     name = "pyramid"
 
     def __init__(self, input_size: int, out_channels: list[int], sides: list[int], weights: Path | None,
-                 recipe: str, precision: str = "fp32", cache_sides: list[int] | None = None) -> None:
+                 recipe: str, precision: str = "fp32", cache_sides: list[int] | None = None,
+                 cache_channels: list[int] | None = None) -> None:
         super().__init__()
         self.input_size = input_size
         self.out_channels = out_channels
         self.sides = sides  # what the model reads
         self.cache_sides = cache_sides or sides  # what forward returns and the cache keeps
+        self.cache_channels = cache_channels or out_channels
         self.weights = weights
         self.recipe = recipe
         self.precision = precision
@@ -136,7 +141,7 @@ class PyramidBackbone(nn.Module):
         return True
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
-        return [(c, side, side) for c, side in zip(self.out_channels, self.cache_sides)]
+        return [(c, side, side) for c, side in zip(self.cache_channels, self.cache_sides)]
 
     def cached(self, images: Tensor, memo: foundation.FeatureMemo | None = None, write: bool = True,
                progress: bool = False) -> list[Tensor]:
@@ -161,26 +166,37 @@ class TinyViTPyramid(PyramidBackbone):
     name = "litemedsam"
 
     def __init__(self, input_size: int, weights: Path | None, strides: list[int] | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", train_neck: bool = False) -> None:
         self.strides = list(strides or DEFAULT_LEVEL_STRIDES)
-        super().__init__(input_size, [16, 32, 40, 256] if weights is None else [64, 128, 160, 256],
-                         _sides(input_size, self.strides), weights,
-                         recipe=f"stages=1,2,3,neck|minmax|avgpool-strides={list(TINYVIT_CACHE_STRIDES)}",
-                         precision=precision, cache_sides=_sides(input_size, TINYVIT_CACHE_STRIDES))
+        self.train_neck = train_neck
+        widths = [16, 32, 40, 256] if weights is None else [64, 128, 160, 256]
+        last = "neck-input" if train_neck else "neck"
+        super().__init__(input_size, widths, _sides(input_size, self.strides), weights,
+                         recipe=f"stages=1,2,3,{last}|minmax|avgpool-strides={list(TINYVIT_CACHE_STRIDES)}",
+                         precision=precision, cache_sides=_sides(input_size, TINYVIT_CACHE_STRIDES),
+                         cache_channels=widths[:3] + [320] if train_neck else None)
         self.net = foundation.build_tinyvit(input_size, tiny=weights is None)
         if weights is not None:
             foundation.load_litemedsam(self.net, weights)
 
     def legacy_layout(self) -> bool:
-        return self.strides == DEFAULT_LEVEL_STRIDES
+        return self.strides == DEFAULT_LEVEL_STRIDES and not self.train_neck
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """The maps the cache keeps (strides ``TINYVIT_CACHE_STRIDES``), float32."""
+        """The maps the cache keeps (strides ``TINYVIT_CACHE_STRIDES``), float32: the last is the
+        neck's output, or with ``train_neck`` its input."""
         x = foundation.minmax_normalise(foundation.encoder_input(images, self.input_size))
         with self.autocast(x.device):
-            first, second, third, _, neck = foundation.tinyvit_stages(self.net, x)
+            first, second, third, neck_input, neck = foundation.tinyvit_stages(self.net, x)
+        last = neck_input if self.train_neck else neck
         return [F.adaptive_avg_pool2d(m.float(), side)
-                for m, side in zip((first, second, third, neck), self.cache_sides)]
+                for m, side in zip((first, second, third, last), self.cache_sides)]
+
+    def select(self, levels: list[Tensor]) -> list[Tensor]:
+        """With ``train_neck`` the last map stays on the neck's grid: it is pooled after the neck."""
+        if not self.train_neck:
+            return super().select(levels)
+        return super().select(levels[:-1]) + [levels[-1]]
 
 
 class DINOv2Pyramid(PyramidBackbone):
@@ -236,6 +252,8 @@ class PretrainedEncoder(nn.Module):
         # VQ-Seg's reconstruction: two x2 stages from the deepest map (about 1/4 of the input for
         # LiteMedSAM), then upsampled; further stages at 1/2 and 1 would cost more than the head.
         self.reconstruction_channels = backbone.out_channels[-3:]
+        # LiteMedSAM's neck, trained from its pretrained weights on the cached neck input
+        self.neck = copy.deepcopy(backbone.net.neck).requires_grad_(True) if getattr(backbone, "train_neck", False) else None
         if frozen:
             backbone.requires_grad_(False)
             backbone.eval()
@@ -262,7 +280,17 @@ class PretrainedEncoder(nn.Module):
             levels = [level.to(image.device, torch.float32) for level in self.cached(image)]
         else:
             levels = self.backbone.levels(image)
+        if self.neck is not None:
+            levels = levels[:-1] + [self._neck(levels[-1])]
         return Features([level.contiguous(memory_format=torch.channels_last) for level in levels], stem)
+
+    def _neck(self, neck_input: Tensor) -> Tensor:
+        """The trainable neck on the cached neck input, in the encoder's precision, pooled to the
+        model's last level."""
+        with self.backbone.autocast(neck_input.device):
+            out = self.neck(neck_input.float()).float()
+        side = self.backbone.sides[-1]
+        return out if out.shape[-1] == side else F.adaptive_avg_pool2d(out, side)
 
     def _look_up(self, provenance: Tensor) -> list[Tensor]:
         if not self.frozen or self.store.bank is None:
@@ -331,7 +359,8 @@ def _build(name: str, cfg: ModelConfig, in_channels: int, num_classes: int) -> S
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # tiny random stand-ins: every copy (CPS's two networks) is the same encoder
         if name == "litemedsam":
-            backbone = TinyViTPyramid(cfg.encoder_input, weights, cfg.level_strides, cfg.encoder_precision)
+            backbone = TinyViTPyramid(cfg.encoder_input, weights, cfg.level_strides, cfg.encoder_precision,
+                                      cfg.train_neck)
         else:
             backbone = DINOv2Pyramid(cfg.encoder_input, weights, cfg.encoder_precision)
     encoder = PretrainedEncoder(backbone, in_channels, cfg.stem_channels, cfg.encoder_mode == "frozen")
@@ -359,9 +388,10 @@ def channels_last(module: nn.Module, cfg: ModelConfig) -> nn.Module:
 
 
 def pretrained_backbones(module: nn.Module) -> list[nn.Module]:
-    """The pretrained backbones inside ``module`` (their weights must not be re-initialised, and
-    they train at ``train.encoder_lr`` when fine-tuned)."""
-    return [m.backbone for m in module.modules() if isinstance(m, PretrainedEncoder)]
+    """The pretrained backbones inside ``module``, and their trainable necks (their weights must not
+    be re-initialised, and they train at ``train.encoder_lr`` when fine-tuned)."""
+    encoders = [m for m in module.modules() if isinstance(m, PretrainedEncoder)]
+    return [m.backbone for m in encoders] + [m.neck for m in encoders if m.neck is not None]
 
 
 def frozen_encoders(module: nn.Module) -> list[PretrainedEncoder]:
