@@ -5,10 +5,10 @@ between two source trees on one machine (results are bit-exact per machine, not 
 the source tree on ``PYTHONPATH``; ``compare`` checks two such folders line by line: every logged
 loss of every step (``metrics.jsonl``) and every per-case test score (``eval_test.csv``).
 
-    git worktree add /tmp/before <commit>
-    PYTHONPATH=/tmp/before/src python benchmarks/bit_identity.py run /tmp/out_before
-    PYTHONPATH=src python benchmarks/bit_identity.py run /tmp/out_after
-    python benchmarks/bit_identity.py compare /tmp/out_before /tmp/out_after [--rename vq3_=vq4_]
+    git worktree add ../before <commit>
+    PYTHONPATH=../before/src python benchmarks/bit_identity.py run ../out_before
+    PYTHONPATH=src python benchmarks/bit_identity.py run ../out_after
+    python benchmarks/bit_identity.py compare ../out_before ../out_after [--rename vq3_=vq4_]
 """
 
 from __future__ import annotations

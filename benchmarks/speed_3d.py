@@ -74,7 +74,7 @@ def main() -> None:
     lines = [
         f"# speed_3d, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, device {args.device}, load average {os.getloadavg()[0]:.2f}",
-        f"# ACDC volumes in 3D patch mode: {' '.join(base[1:])}",
+        f"# ACDC volumes in 3D patch mode: {' '.join(base[1:]).replace(str(data), '$VQSEG_DATA')}",
         f"# a step: median of {args.steps} after {args.warmup} warm-up, its own process (peak memory its own)",
         "",
         "| method | s / step | peak memory (MB) | trainable params (M) | cost vs supervised |",
