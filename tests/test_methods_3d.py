@@ -19,7 +19,7 @@ import torch
 import torch._dynamo  # noqa: F401  (the first optimiser imports it lazily, ~1.7 s: paid at collection, not by a test)
 from conftest import tiny_config
 from scipy import ndimage
-from test_peer_methods import AugSpy, Recorder, _record_boxes, close, ramp, same_state, sgd, state
+from test_peer_methods import AugSpy, Recorder, _record_boxes, check_ema_step, close, ramp, same_state, state
 from test_vqseg_method import StepRecorder
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -182,23 +182,8 @@ def test_mean_teacher_recipe_3d(batch: Batch) -> None:
 def test_teacher_is_the_ema_of_the_3d_student(name: str, overrides: dict, step: int, batch: Batch) -> None:
     """After the optimiser step, theta_t <- a theta_t + (1 - a) theta_s for every float tensor of the
     3D networks (Conv3d, instance norm, VQ); integer buffers are copied."""
-    method = build(name, **overrides)
-    optimizer = sgd(method)
-    out = method.training_step(batch, step)
-    optimizer.zero_grad()
-    out.loss.backward()
-    optimizer.step()
-    teacher, student = state(method.teacher), state(method.student)
+    student = check_ema_step(build(name, **overrides), batch, step)
     assert any(v.dim() == 5 for v in student.values())  # Conv3d weights
-    method.after_step(step)
-    alpha = min(1 - 1 / (step + 1), 0.99)
-    updated = state(method.teacher)
-    assert not same_state(teacher, updated)
-    for key, value in updated.items():
-        if value.is_floating_point():
-            close(value, alpha * teacher[key] + (1 - alpha) * student[key])
-        else:
-            assert torch.equal(value, student[key]), key
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,7 +260,13 @@ def test_mean_teacher_ramp_up() -> None:
 @pytest.mark.parametrize("name, overrides", [("mean_teacher", {}), ("bcp", {"method.pretrain_iterations": 0})])
 def test_teacher_is_the_ema_of_the_student(name: str, overrides: dict, step: int, batch: Batch) -> None:
     """After the optimiser step, theta_t <- a theta_t + (1 - a) theta_s, batch-norm statistics included."""
-    method = build(name, **overrides)
+    check_ema_step(build(name, **overrides), batch, step)
+
+
+def check_ema_step(method: Method, batch: Batch, step: int) -> dict[str, Tensor]:
+    """One training step, then the EMA update: every float tensor of the teacher must become
+    a theta_t + (1 - a) theta_s with a = min(1 - 1 / (step + 1), 0.99), integer buffers the
+    student's. Returns the student's state the teacher averaged in."""
     optimizer = sgd(method)
     out = method.training_step(batch, step)
     optimizer.zero_grad()
@@ -276,6 +282,7 @@ def test_teacher_is_the_ema_of_the_student(name: str, overrides: dict, step: int
             close(value, alpha * teacher[key] + (1 - alpha) * student[key])
         else:
             assert torch.equal(value, student[key]), key
+    return student
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,6 +101,11 @@ class ModelConfig:
     # frozen LiteMedSAM: cache what enters the neck and train the neck (at train.encoder_lr), so that
     # the unlabelled data can shape the features again (issue 26); the stages before it stay frozen
     train_neck: bool = False
+    # frozen encoders: this many photometrically augmented copies of each unlabelled slice (the
+    # intensity augmentation's gamma, contrast, blur, noise) are encoded and cached too, and a strong
+    # view's features come from one of them, so the strong view differs from the weak one in the
+    # features as well as in the image stem (issue 26, cause 2); 0: the strong view reuses the weak one's
+    photometric_encodings: int = 0
     # unet3d (nnU-Net's generic 3D U-Net), one entry per stage below the first (from the plan when empty):
     pool: list[list[int]] = field(default_factory=list)  # per-axis downsampling, e.g. [1, 2, 2] keeps depth
     kernels: list[list[int]] = field(default_factory=list)  # per-axis kernel of every stage, first included
@@ -121,6 +126,13 @@ class ModelConfig:
             raise ConfigError(
                 f"model.train_neck: only for a frozen LiteMedSAM encoder (model.name={self.name}, "
                 f"model.encoder_mode={self.encoder_mode}); fine-tuning trains the neck already"
+            )
+        check_range("model.photometric_encodings", self.photometric_encodings, 0)
+        if self.photometric_encodings and (self.name not in ("litemedsam", "dinov2") or self.encoder_mode != "frozen"):
+            raise ConfigError(
+                f"model.photometric_encodings={self.photometric_encodings}: only for a frozen pretrained encoder "
+                f"(model.name={self.name}, model.encoder_mode={self.encoder_mode}); other encoders see the "
+                "strong view's augmented image itself"
             )
         if self.name == "dinov2" and self.level_strides != [4, 8, 16, 16]:
             raise ConfigError("model.level_strides is LiteMedSAM's; DINOv2's levels all lie on its 14-pixel patch grid")

@@ -15,6 +15,7 @@ slices), flips are along every axis, and blur is in-plane.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 import kornia
@@ -116,6 +117,18 @@ class Augmenter:
     def intensity(self, images: Tensor) -> Tensor:
         """Contrast and gamma, Gaussian blur with a random sigma per sample, additive noise (image channels only)."""
         return on_image(images, self.image_channels, self._intensity)
+
+    def photometric_copy(self, images: Tensor, copy: int) -> Tensor:
+        """Copy number ``copy`` of every image under :meth:`intensity`, its parameters drawn from a
+        generator seeded by the image's content and ``copy``: a slice gets the same copies in every
+        run, split and seed, so the content-keyed feature cache keeps serving their encodings."""
+        out = torch.empty_like(images)
+        for i, image in enumerate(images):
+            seed = zlib.crc32(image.detach().cpu().float().numpy().tobytes()) * 1009 + copy
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out[i] = self.intensity(image[None].cpu())[0].to(out)
+        return out
 
     def _intensity(self, images: Tensor) -> Tensor:
         c = self.cfg

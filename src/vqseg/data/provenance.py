@@ -100,3 +100,18 @@ def sample_bank(bank: Tensor, index: Tensor, coords: Tensor, valid: Tensor) -> T
             values = bank[index, yi.long().clamp(0, bank_h - 1), xi.long().clamp(0, bank_w - 1)]
             out = out + values.float() * weight[..., None]
     return (out * valid[..., None]).permute(0, 3, 1, 2).contiguous()
+
+
+def shift_rows(x: Tensor, image_channels: int, start: int, count: int, shift: Tensor) -> Tensor:
+    """Point the pixels of ``x`` that come from bank rows ``start .. start + count - 1`` at rows
+    ``shift[n]`` further on (one shift per sample n; other rows, e.g. a pasted labelled box, stay):
+    how a strong view takes its features from a photometric copy of its slice."""
+    image, provenance = split_channels(x, image_channels)
+    if provenance is None:
+        raise ValueError("shift_rows needs provenance channels (a frozen encoder's training view)")
+    valid = provenance[:, 3:4]
+    index = (provenance[:, :1] / valid.clamp_min(1e-6)).round()
+    inside = (valid > 1e-6) & (index >= start) & (index < start + count)
+    moved = index + shift.to(index).view(-1, 1, *[1] * (index.ndim - 2))
+    row = torch.where(inside, moved * valid, provenance[:, :1])
+    return torch.cat([image, row, provenance[:, 1:]], dim=1)

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vqseg.config import Config, MethodConfig
+from vqseg.config import Config, ConfigError, MethodConfig
 from vqseg.data.augment import Augmenter, mix
-from vqseg.data.provenance import add_provenance
+from vqseg.data.provenance import add_provenance, shift_rows
 from vqseg.data.volumes import SegmentationData
 from vqseg.models import SegmentationModel, pretrained
 from vqseg.models.pretrained import prepare_frozen_encoders
@@ -50,6 +50,7 @@ class Method(nn.Module):
 
     uses_unlabeled: bool = True
     always_eval: tuple[str, ...] = ("teacher",)  # submodules that predict in eval mode (EMA teachers)
+    strong_views: bool = False  # draws intensity-augmented strong views (make_unlabeled_views)
 
     def __init__(self, cfg: Config, model_factory: Callable[[], SegmentationModel], num_classes: int) -> None:
         super().__init__()
@@ -64,6 +65,12 @@ class Method(nn.Module):
         # The hooks record only inside pdcr_capture(), so a teacher deep-copied from the student
         # (hooks included) or a later pass over another view never replaces the features PDCR uses.
         self._tap = FeatureTap(self.student, self.pdcr.tapped_names(), on_demand=True) if self.pdcr else None
+        self.photometric = cfg.model.photometric_encodings
+        if self.photometric and not self.strong_views:
+            raise ConfigError(
+                f"model.photometric_encodings={self.photometric}: method.name={cfg.method.name} draws no "
+                "intensity-augmented strong view to give them to (vqseg and unimatch do)"
+            )
 
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError
@@ -106,8 +113,10 @@ class Method(nn.Module):
         cfg = self.cfg
         device = next(self.parameters()).device
         self._bank_rows = {"labeled": 0, "unlabeled": len(data.labeled)}
+        self._unlabeled_count = len(data.unlabeled)
+        copies = [self.augment.photometric_copy(data.unlabeled.images, k) for k in range(1, self.photometric + 1)]
         self._uses_bank = prepare_frozen_encoders(
-            self, data, self.uses_unlabeled, cfg.train.image_size, cfg.eval.batch_size, device
+            self, data, self.uses_unlabeled, cfg.train.image_size, cfg.eval.batch_size, device, copies
         )
 
     def training_inputs(self, images: Tensor, index: Tensor, split: str) -> Tensor:
@@ -117,6 +126,16 @@ class Method(nn.Module):
         if not getattr(self, "_uses_bank", False):
             return images
         return add_provenance(images, index + self._bank_rows[split])
+
+    def strong_features(self, strong: Tensor) -> Tensor:
+        """A strong view whose unlabelled pixels read the features of one of their slice's
+        ``model.photometric_encodings`` photometric copies (drawn per sample; bank rows after the
+        unlabelled ones, see :meth:`prepare`) instead of the unaugmented slice's; as it is otherwise."""
+        if not self.photometric or not getattr(self, "_uses_bank", False):
+            return strong
+        start, count = self._bank_rows["unlabeled"], self._unlabeled_count
+        copy = torch.randint(1, self.photometric + 1, (strong.shape[0],), device=strong.device)
+        return shift_rows(strong, self.cfg.data.in_channels, start, count, copy * count)
 
     def progress(self, step: int) -> float:
         return step / max(self.cfg.train.iterations, 1)
@@ -253,10 +272,16 @@ class UnlabeledViews:
         return mix(self.box, target[self.perm], target)
 
 
-def strong_view(augment: Augmenter, weak: Tensor, theta: Tensor, cutmix: bool = True) -> UnlabeledViews:
-    """A strong view of ``weak``: its own intensity draw, CutMix box and CutMix partner."""
+def strong_view(
+    augment: Augmenter, weak: Tensor, theta: Tensor, cutmix: bool = True,
+    features: Callable[[Tensor], Tensor] | None = None,
+) -> UnlabeledViews:
+    """A strong view of ``weak``: its own intensity draw, CutMix box and CutMix partner;
+    ``features`` re-points a frozen encoder's lookups (``Method.strong_features``)."""
     n, device = weak.shape[0], weak.device
     strong = augment.intensity(weak)
+    if features is not None:
+        strong = features(strong)
     box = augment.cutmix_mask(n, tuple(weak.shape[2:]), device)
     if not cutmix:
         box = torch.zeros_like(box)
@@ -264,9 +289,11 @@ def strong_view(augment: Augmenter, weak: Tensor, theta: Tensor, cutmix: bool = 
     return UnlabeledViews(weak, mix(box, strong[perm], strong), theta, box, perm)
 
 
-def make_unlabeled_views(augment: Augmenter, images: Tensor, cutmix: bool = True) -> UnlabeledViews:
+def make_unlabeled_views(
+    augment: Augmenter, images: Tensor, cutmix: bool = True, features: Callable[[Tensor], Tensor] | None = None,
+) -> UnlabeledViews:
     weak, _, theta = augment.geometric(images)
-    return strong_view(augment, weak, theta, cutmix)
+    return strong_view(augment, weak, theta, cutmix, features)
 
 
 def channel_dropout(features: Tensor, rate: float) -> Tensor:

@@ -66,6 +66,8 @@ class UniMatchConfig(MethodConfig):
 
 @METHODS.register("unimatch", config=UniMatchConfig)
 class UniMatch(Method):
+    strong_views = True
+
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
         super().__init__(cfg, model_factory, num_classes)
         self.params: UniMatchConfig = cfg.method
@@ -73,8 +75,8 @@ class UniMatch(Method):
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         p = self.params
         x_l, y_l, _ = self.augment.geometric(batch.labeled, batch.labels)
-        views1 = make_unlabeled_views(self.augment, batch.unlabeled)
-        views2 = strong_view(self.augment, views1.weak, views1.theta)
+        views1 = make_unlabeled_views(self.augment, batch.unlabeled, features=self.strong_features)
+        views2 = strong_view(self.augment, views1.weak, views1.theta, features=self.strong_features)
         n_l, n_u = x_l.shape[0], views1.weak.shape[0]
 
         with self.pdcr_capture():

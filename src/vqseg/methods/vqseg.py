@@ -61,6 +61,7 @@ from vqseg.models.vq_net import VQSegNet
 from vqseg.modules import foundation, pfa
 from vqseg.modules.ema import ema_update, make_teacher
 from vqseg.modules.qpm import DEFAULT_TEMPERATURE, QPM
+from vqseg.modules.sam_refine import EMBED_GRID, PROMPT_FRAME, SAMRefiner
 from vqseg.registry import METHODS
 
 ABLATIONS = {
@@ -108,6 +109,11 @@ class VQSegConfig(MethodConfig):
     class_threshold_momentum: float = 0.99
     u_class_balance: bool = False  # each pseudo-labelled class weighs alike in the unlabelled CE
     anchor_labeled: bool = False  # paste a labelled box, with its ground truth, into each strong view
+    # An extension, not VQ-Seg (issue 26, cause 5): LiteMedSAM's box-prompted mask decoder, on the
+    # teacher's neck embedding of the weak view, checks each pseudo-labelled structure; only pixels
+    # where it agrees with the teacher are kept (modules/sam_refine.py), in place of `threshold`
+    sam_refine: bool = False
+    sam_margin: float = 5.0  # pixels added around each structure's box
     cutmix: bool = True
     u_loss: str = "ce"  # ce (paper and released code) | ce_dice
     u_normalise: str = "valid"  # CE over all pixels (released code) | confident (over kept pixels)
@@ -158,12 +164,15 @@ class VQSegConfig(MethodConfig):
         check_range("method.codebook_size", self.codebook_size, 2)  # QPM jumps between two codes at least
         check_range("method.pfa_samples", self.pfa_samples, 1)
         check_range("method.vq_pool", self.vq_pool, 1)
+        check_range("method.sam_margin", self.sam_margin, 0)
         if not self.vq_levels:
             raise ConfigError("method.vq_levels is empty; give at least one encoder level to quantize (-1: deepest)")
 
 
 @METHODS.register("vqseg", config=VQSegConfig)
 class VQSeg(Method):
+    strong_views = True
+
     def __init__(self, cfg, model_factory, num_classes: int) -> None:
         super().__init__(cfg, model_factory, num_classes)
         p: VQSegConfig = cfg.method
@@ -184,6 +193,7 @@ class VQSeg(Method):
         self.class_thresholds = (
             ClassThresholds(num_classes, p.threshold, p.class_threshold_momentum) if p.class_thresholds else None
         )
+        self.sam = _sam_refiner(cfg, num_classes) if p.sam_refine else None
         self.perturb = None
         if p.perturbation in ("qpm", "shuffle"):
             self.perturb = QPM(p.eps, p.temperature, mode="jump" if p.perturbation == "qpm" else "shuffle")
@@ -237,11 +247,15 @@ class VQSeg(Method):
     def training_step(self, batch: Batch, step: int) -> StepOutput:
         p = self.params
         x_l, y_l, theta_l = self.augment.geometric(batch.labeled, batch.labels)
-        views = make_unlabeled_views(self.augment, batch.unlabeled, p.cutmix)
+        views = make_unlabeled_views(self.augment, batch.unlabeled, p.cutmix, self.strong_features)
         if self.align is not None:
             self.align.observe_labels(y_l)
+        sam_logs: dict[str, Tensor] = {}
         with torch.no_grad():
             pseudo, ignore = confident_labels(self.teacher(views.weak), p.threshold, self.align, self.class_thresholds)
+            if self.sam is not None:
+                neck = self.teacher.base.encoder(views.weak).levels[-1]
+                ignore, sam_logs = self.sam(neck, pseudo, ignore)
         pseudo, ignore = views.mix(pseudo), views.mix(ignore)
         strong = views.strong
         if p.anchor_labeled:
@@ -275,6 +289,7 @@ class VQSeg(Method):
         logs = {
             **pdcr_logs,
             **pdcr_u_logs,
+            **sam_logs,
             "loss_sup": loss_sup.detach(),
             "loss_u": loss_u.detach(),
             "loss_vq": loss_vq.detach(),
@@ -315,3 +330,17 @@ class VQSeg(Method):
 
     def after_step(self, step: int) -> None:
         ema_update(self.teacher, self.student, self.params.ema_decay, step)
+
+
+def _sam_refiner(cfg, num_classes: int) -> SAMRefiner:
+    """``method.sam_refine``: SAM's decoder reads LiteMedSAM's neck at 64 x 64 for a 256 px input, so the
+    model must be LiteMedSAM with that input and its last level kept on the neck's grid."""
+    m = cfg.model
+    if m.name != "litemedsam" or m.encoder_input != PROMPT_FRAME or m.level_strides[-1] != PROMPT_FRAME // EMBED_GRID:
+        raise ConfigError(
+            f"method.sam_refine: SAM's mask decoder reads LiteMedSAM's neck at {EMBED_GRID} x {EMBED_GRID}; needs "
+            f"model.name=litemedsam, model.encoder_input={PROMPT_FRAME} and model.level_strides ending in "
+            f"{PROMPT_FRAME // EMBED_GRID} (got {m.name}, {m.encoder_input}, {m.level_strides})"
+        )
+    weights = None if m.tiny else foundation.litemedsam_weights(m.encoder_weights or None)
+    return SAMRefiner(weights, num_classes, cfg.method.sam_margin, m.encoder_input)

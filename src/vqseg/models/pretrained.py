@@ -33,6 +33,7 @@ The model's encoder returns levels 1-4 and, beside them, the image stem's full-r
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -417,11 +418,12 @@ def install_bank(module: nn.Module, levels: list[Tensor], device: torch.device) 
 
 def prepare_frozen_encoders(
     module: nn.Module, data: SegmentationData, uses_unlabeled: bool, image_size: int, eval_batch: int,
-    device: torch.device,
+    device: torch.device, extra_sets: Sequence[Tensor] = (),
 ) -> bool:
     """Build the feature bank (labelled rows, then unlabelled rows when used: the order of the
-    provenance indices of ``Method.training_inputs``) and encode the validation slices, all through
-    the cache; False when ``module`` has no frozen encoder."""
+    provenance indices of ``Method.training_inputs``; then the rows of ``extra_sets``, e.g. the
+    unlabelled slices' photometric copies) and encode the validation slices, all through the cache;
+    False when ``module`` has no frozen encoder."""
     encoders = frozen_encoders(module)
     if not encoders:
         return False
@@ -430,7 +432,7 @@ def prepare_frozen_encoders(
     identities = {e.backbone.identity() for e in encoders}
     if len(identities) > 1:
         raise RuntimeError(f"frozen encoders in one method differ: {sorted(identities)}")
-    sets = [data.labeled.images, *([data.unlabeled.images] if uses_unlabeled else [])]
+    sets = [data.labeled.images, *([data.unlabeled.images] if uses_unlabeled else []), *extra_sets]
     per_set = [first.backbone.cached(images, progress=True) for images in sets]
     install_bank(module, [torch.cat([levels[i] for levels in per_set]) for i in range(len(per_set[0]))], device)
     val = [x for volume in data.val for x in model_inputs(volume.image, image_size, eval_batch, device)]
