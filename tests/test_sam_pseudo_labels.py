@@ -41,11 +41,11 @@ class StubRefiner(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.calls: list[tuple[Tensor, Tensor]] = []
         self.answer: Tensor | None = None
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ignore: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        self.calls.append((embeddings, labels, ignore))
+    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        self.calls.append((embeddings, labels))
         self.answer = torch.rand(labels.shape) < 0.5
         return self.answer, {"sam_boxes": torch.tensor(3.0)}
 
@@ -73,16 +73,16 @@ def test_sam_reads_the_teachers_neck_and_argmax_and_its_mask_replaces_the_thresh
     stub = StubRefiner()
     monkeypatch.setattr(vqseg_module, "_sam_refiner", lambda cfg, num_classes: stub)
     method, views, (logits, pseudo, _, ignore, *_), teacher_out, out = one_step(monkeypatch)
-    ((embeddings, labels, threshold_ignore),) = stub.calls
+    ((embeddings, labels),) = stub.calls
     with torch.no_grad():
         neck = method.teacher.base.encoder(views.weak).levels[-1]
     assert embeddings.shape == (2, 256, 64, 64)
     torch.testing.assert_close(embeddings, neck)  # the teacher's own neck, on the weak view
     confidence, argmax = teacher_out.float().softmax(dim=1).max(dim=1)
-    assert torch.equal(labels, argmax) and torch.equal(threshold_ignore, confidence < method.params.threshold)
+    assert torch.equal(labels, argmax)
     assert torch.equal(pseudo, views.mix(argmax))
     assert torch.equal(ignore, views.mix(stub.answer))  # SAM's answer, CutMixed with the pseudo-labels
-    assert not torch.equal(ignore, views.mix(threshold_ignore))
+    assert not torch.equal(ignore, views.mix(confidence < method.params.threshold))
     assert out.logs["sam_boxes"] == 3.0
 
 

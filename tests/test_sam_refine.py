@@ -106,10 +106,9 @@ def test_sam_agreement_rule_case_by_case() -> None:
               "000000",
               "010000"]),  # bg inside sample 1's mask; the class-1 pixel inside it is kept
     ]).bool()
-    for incoming in (torch.zeros_like(expected), torch.ones_like(expected)):  # replaced, not combined
-        assert torch.equal(sam_agreement(labels, incoming, masks, sample, cls), expected)
+    assert torch.equal(sam_agreement(labels, masks, sample, cls), expected)
     # No masks at all: every background pixel is kept, every foreground pixel ignored.
-    none = sam_agreement(labels, torch.zeros_like(expected), torch.zeros(0, 4, 6, dtype=torch.bool),
+    none = sam_agreement(labels, torch.zeros(0, 4, 6, dtype=torch.bool),
                          torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     assert torch.equal(none, labels != 0)
 
@@ -234,7 +233,7 @@ def test_refiner_end_to_end_with_a_box_shaped_decoder(monkeypatch: pytest.Monkey
     labels[1, 5:15, 40:51] = 2
     embeddings = torch.arange(3.0)[:, None, None, None].expand(3, 256, 64, 64)  # tagged by sample
 
-    ignore, logs = refiner(embeddings, labels, torch.ones(3, 64, 64, dtype=torch.bool))
+    ignore, logs = refiner(embeddings, labels)
 
     # Frame boxes: label pixels x0..x1 cover frame pixels 4 x0 .. 4 x1 + 3, after the 2 px margin.
     assert [tags for tags, _ in calls] == [[0.0, 0.0, 1.0], [1.0]]
@@ -262,8 +261,7 @@ def test_refiner_all_background_keeps_everything_without_running_sam(monkeypatch
         raise AssertionError("SAM must not run without boxes")
 
     monkeypatch.setattr(refiner.decoder, "forward", never)
-    ignore, logs = refiner(torch.zeros(2, 256, 64, 64), torch.zeros(2, 32, 48, dtype=torch.long),
-                           torch.ones(2, 32, 48, dtype=torch.bool))
+    ignore, logs = refiner(torch.zeros(2, 256, 64, 64), torch.zeros(2, 32, 48, dtype=torch.long))
     assert ignore.shape == (2, 32, 48) and not ignore.any()
     assert {k: v.item() for k, v in logs.items()} == {"sam_boxes": 0.0, "sam_kept": 1.0, "sam_fg_kept": 1.0}
     with pytest.raises(ValueError, match="image_size=512"):

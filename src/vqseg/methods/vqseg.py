@@ -255,7 +255,7 @@ class VQSeg(Method):
             pseudo, ignore = confident_labels(self.teacher(views.weak), p.threshold, self.align, self.class_thresholds)
             if self.sam is not None:
                 neck = self.teacher.base.encoder(views.weak).levels[-1]
-                ignore, sam_logs = self.sam(neck, pseudo, ignore)
+                ignore, sam_logs = self.sam(neck, pseudo)  # in place of the threshold's
         pseudo, ignore = views.mix(pseudo), views.mix(ignore)
         strong = views.strong
         if p.anchor_labeled:

@@ -153,20 +153,18 @@ def structure_boxes(labels: Tensor, num_classes: int, margin: float) -> tuple[Te
     return box, sample, classes[index]
 
 
-def sam_agreement(labels: Tensor, ignore: Tensor, sam_masks: Tensor, sample: Tensor, cls: Tensor) -> Tensor:
+def sam_agreement(labels: Tensor, sam_masks: Tensor, sample: Tensor, cls: Tensor) -> Tensor:
     """The new B x H x W ignore mask: keep only the pixels on which the teacher and SAM agree.
 
     ``sam_masks`` (K x H x W bool) is SAM's mask for box k, prompted with class ``cls[k]`` of sample
     ``sample[k]``. A pixel the teacher labels foreground class c is kept iff SAM's mask for (its
     sample, c) covers it; a background (0) pixel is kept iff no SAM mask of its sample covers it;
-    any other label (negative, say) is ignored. Agreement replaces the confidence threshold, so the
-    incoming ``ignore`` does not enter the result (only its shape is checked). By this rule a
-    foreground pixel whose (sample, class) has no mask is ignored; from :class:`SAMRefiner` that
-    cannot happen, since :func:`structure_boxes` boxes every class present.
+    any other label (negative, say) is ignored. Agreement replaces a confidence threshold rather than
+    adding to it. By this rule a foreground pixel whose (sample, class) has no mask is ignored; from
+    :class:`SAMRefiner` that cannot happen, since :func:`structure_boxes` boxes every class present.
     """
-    if ignore.shape != labels.shape or labels.ndim != 3:
-        raise ValueError(f"expected labels and ignore of one shape B x H x W, got {tuple(labels.shape)} "
-                         f"and {tuple(ignore.shape)}")
+    if labels.ndim != 3:
+        raise ValueError(f"expected labels of shape B x H x W, got {tuple(labels.shape)}")
     if sam_masks.shape != (sample.numel(), *labels.shape[1:]) or cls.shape != sample.shape:
         raise ValueError(f"expected K x {labels.shape[1]} x {labels.shape[2]} masks with K sample and class "
                          f"indices, got {tuple(sam_masks.shape)}, {tuple(sample.shape)}, {tuple(cls.shape)}")
@@ -216,7 +214,7 @@ class SAMRefiner(nn.Module):
             masks.append(logits[:, 0] > 0)
         return torch.cat(masks).to(boxes.device)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ignore: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """B x 256 x 64 x 64 embeddings of B slices with B x H x W teacher labels -> the new B x H x W
         ignore mask (see :func:`sam_agreement`) and logs: ``sam_boxes`` (boxes decoded), ``sam_kept``
         (share of pixels kept), ``sam_fg_kept`` (share of teacher-foreground pixels kept; 1 when the
@@ -228,7 +226,7 @@ class SAMRefiner(nn.Module):
             masks = self._masks(embeddings, boxes, sample, tuple(labels.shape[1:]))
         else:  # nothing to check: SAM is not run
             masks = torch.zeros(0, *labels.shape[1:], dtype=torch.bool, device=labels.device)
-        new_ignore = sam_agreement(labels, ignore, masks, sample, cls)
+        new_ignore = sam_agreement(labels, masks, sample, cls)
         kept = ~new_ignore
         fg = labels > 0
         fg_count = fg.sum()
