@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from logfile import emit  # same folder
 from torch.nn import functional as F
 
 from vqseg.config import data_root, load_config
@@ -81,10 +82,7 @@ def main() -> None:
         rel = ((a - b).norm() / a.norm()).item()
         cos = F.cosine_similarity(a, b, dim=1).mean().item()
         lines.append(f"| {name} | {' x '.join(map(str, a.shape[1:]))} | {rel:.4f} | {cos:.5f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.log.parent.mkdir(parents=True, exist_ok=True)
-    args.log.write_text(text)
+    emit("\n".join(lines) + "\n", args.log)
 
 
 if __name__ == "__main__":

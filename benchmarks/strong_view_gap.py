@@ -25,6 +25,7 @@ import platform
 from pathlib import Path
 
 import torch
+from logfile import emit  # same folder
 
 from vqseg.data import load_training_data
 from vqseg.data.augment import Augmenter
@@ -81,10 +82,7 @@ def main() -> None:
             flipped = pred != weak
             lines.append(f"| {k} | {levels} | {name} | {flipped.float().mean().item() * 100:.2f} | "
                          f"{flipped[foreground].float().mean().item() * 100:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.log.parent.mkdir(parents=True, exist_ok=True)
-    args.log.write_text(text)
+    emit("\n".join(lines) + "\n", args.log)
 
 
 if __name__ == "__main__":
