@@ -291,6 +291,19 @@ def test_report_tabulates_a_stopped_suite_without_training(tmp_path: Path, monke
     assert "80.00" in table and (out / "results.csv").read_text().count("\n") == 2  # header + the done run
 
 
+def test_the_schedule_line_names_patches_or_the_resize(tmp_path: Path) -> None:
+    """Patch-mode runs trained on patches: their unused train.image_size must not be reported."""
+    path = write_suite(tmp_path)
+    out = tmp_path / "out"
+    for row, train in (("sup", {"image_size": 256, "patch_size": [8, 96, 96]}), ("vq", {"image_size": 128})):
+        make_done(out / row / "3cases_seed0", [0.8, 0.7, 0.9], [(10, 0.7)])
+        (out / row / "3cases_seed0" / "config.yaml").write_text(yaml.safe_dump({"train": train}))
+    suite = load_suite(path)
+    benchmark.write_results(suite, plan_runs(suite))
+    md = (out / "results.md").read_text()
+    assert "input patches 8 x 96 x 96 / slices resized to 128," in md and "256" not in md
+
+
 def test_t_interval_is_the_t_interval_over_seeds() -> None:
     # mean 0.8, sample std 0.1, n = 3: 0.8 ± t(0.975, 2) 0.1 / sqrt(3) with t = 4.3027 (not 1.96)
     assert benchmark.t_interval([0.7, 0.8, 0.9]) == (pytest.approx(0.551586229), pytest.approx(1.048413771))

@@ -399,7 +399,7 @@ def run_record(run: RunSpec) -> dict[str, Any]:
         peak_memory_mb=summary.get("peak_memory_mb"),
         device=summary.get("device"),
         iterations=train.get("iterations"),
-        image_size=train.get("image_size"),
+        input=_input_size(train),
         batch=f"{train.get('batch_size')}+{train.get('unlabeled_batch_size')}" if train else None,
         units=ev.get("units"),
     )
@@ -522,6 +522,13 @@ def _column(group: list[dict[str, Any]], key: str) -> list[Any]:
     return [r.get(key) for r in group]
 
 
+def _input_size(train: dict[str, Any]) -> str | None:
+    """What a run trained on: its patch (patch mode, 2D or 3D) or the side every slice was resized to."""
+    if train.get("patch_size"):
+        return "patches " + " x ".join(str(s) for s in train["patch_size"])
+    return None if train.get("image_size") is None else f"slices resized to {train['image_size']}"
+
+
 def _distinct(records: list[dict[str, Any]], key: str) -> str:
     values = sorted({str(r[key]) for r in records if r.get(key) is not None})
     return " / ".join(values) if values else "unknown"
@@ -579,7 +586,7 @@ def results_markdown(suite: Suite, records: list[dict[str, Any]], planned: int, 
     lines += [
         "",
         f"Schedule: {_distinct(records, 'iterations')} iterations, batch {_distinct(records, 'batch')} "
-        f"(labelled+unlabelled), image size {_distinct(records, 'image_size')}, device {_distinct(records, 'device')}. "
+        f"(labelled+unlabelled), input {_distinct(records, 'input')}, device {_distinct(records, 'device')}. "
         f"{len(records)} of {planned} planned runs tested.",
         "",
         "Checkpoints are selected on validation Dice (best.pt) and scored once on the test split. "
